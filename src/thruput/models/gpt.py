@@ -1,0 +1,194 @@
+"""A small decoder-only GPT: RMSNorm, rotary embeddings, SDPA attention, MLP.
+
+It accepts packed rows: ``position_ids`` that restart at 0 mark where a document begins, and
+attention is then confined to each document (a block-diagonal causal mask). Without
+``position_ids`` a row is one causal sequence and SDPA's fused causal path is used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    """Shape of the model. ``max_seq_len`` bounds the rows it is trained on (not rotary positions)."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    mlp_ratio: float = 4.0
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"GPTConfig.{key} must be positive, got {getattr(self, key)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"GPTConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("GPTConfig: head dimension d_model / n_heads must be even for rotary")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rotary(position_ids: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [B, 1, T, head_dim/2] for the given integer positions."""
+    inv_freq = base ** (
+        -torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    )
+    angles = position_ids.to(torch.float32)[:, None, :, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask: causal, and only within the same document.
+
+    A document starts wherever a position does not continue the previous one (so a row that
+    begins mid-document, with positions 57, 58, ..., is still one document).
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    doc = starts.cumsum(dim=1)
+    same_doc = doc[:, :, None] == doc[:, None, :]
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return (same_doc & causal)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer.
+
+    ``model(input_ids, position_ids)`` returns logits [B, T, vocab]; ``model.hidden(...)``
+    returns the final normed hidden states [B, T, d_model] so a fused loss can apply
+    ``model.lm_head`` itself without materialising the logits.
+    """
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 style init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, std=residual_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B, T, d_model]."""
+        b, t = input_ids.shape
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
+        if position_ids is None:
+            mask = None
+            positions = torch.arange(t, device=input_ids.device).expand(b, t)
+        else:
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
+            mask, positions = document_mask(position_ids), position_ids
+        cos, sin = rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids, position_ids))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the token embedding (a lookup, not a matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, context_len: float | None = None) -> float:
+        """Training FLOPs per token: 6*N + 12*n_layers*d_model*context_len (PaLM, appendix B).
+
+        6N counts forward (2N) and backward (4N) matmuls over the non-embedding parameters
+        N (the LM head included). The attention term covers QK^T and AV, whose cost grows with
+        the context a token attends to: ``context_len`` defaults to ``max_seq_len``; for packed
+        rows pass the mean per-token context (for documents of length L_i in a row of length T,
+        sum(L_i^2) / T is the exact mean of the full-square convention PaLM uses).
+        """
+        ctx = self.cfg.max_seq_len if context_len is None else context_len
+        return 6 * self.num_params() + 12 * self.cfg.n_layers * self.cfg.d_model * ctx
