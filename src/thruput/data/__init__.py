@@ -1,0 +1,48 @@
+"""thruput.data: a multi-source data plane with packing, attention-cost balancing and exact resumption.
+
+    from thruput.data import Plan, Loader, JsonlSource, linear
+    plan = Plan([JsonlSource("web", "web/*.jsonl", weight=linear(1.0, 0.5, 1000)),
+                 JsonlSource("code", "code.jsonl", weight=0.5)],
+                seq_len=1024, tokens_per_batch=64 * 1024, world_size=8)
+    with Loader(plan, rank=rank) as loader:
+        for batch in loader: ...
+"""
+from thruput.data.backend import Backend, InlineBackend
+from thruput.data.balance import CostModel, assign_pieces, calibrate, lpt_equal_count
+from thruput.data.corpus import stdlib_corpus
+from thruput.data.errors import DataError
+from thruput.data.jsonl import JsonlSource
+from thruput.data.loader import Loader
+from thruput.data.mixture import constant, cosine, linear, piecewise
+from thruput.data.parquet import ParquetSource
+from thruput.data.plan import Plan
+from thruput.data.sources import MalformedRecord, MemorySource, Source, TextFilesSource
+from thruput.data.stream import Chunk
+from thruput.data.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
+
+__all__ = [
+    "Backend",
+    "ByteTokenizer",
+    "Chunk",
+    "CostModel",
+    "DataError",
+    "HFTokenizer",
+    "InlineBackend",
+    "JsonlSource",
+    "Loader",
+    "MalformedRecord",
+    "MemorySource",
+    "ParquetSource",
+    "Plan",
+    "Source",
+    "TextFilesSource",
+    "Tokenizer",
+    "assign_pieces",
+    "calibrate",
+    "constant",
+    "cosine",
+    "linear",
+    "lpt_equal_count",
+    "piecewise",
+    "stdlib_corpus",
+]

@@ -1,0 +1,235 @@
+"""What the trainer iterates: batches for one rank, prefetched, with exact resumption."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from thruput.data.assemble import StreamReader, collate, mix, rank_rows
+from thruput.data.backend import Backend, InlineBackend
+from thruput.data.errors import DataError
+from thruput.data.plan import Plan
+
+STATE_VERSION = 1
+
+
+class Loader:
+    """Iterate batches of ``plan`` for data-parallel ``rank`` of ``world_size`` (default ``plan.world_size``).
+
+    Each batch is a dict:
+
+    * ``input_ids``, ``labels``, ``position_ids``: int64 ``[B, T]`` with ``B = rows per rank``,
+      ``T = seq_len``. ``labels[b, t]`` is the target of ``input_ids[b, t]`` (already shifted);
+      -100 at padding and at the last token of a document. ``position_ids`` restart at 0 at every
+      document piece (and at padding), so attention stays inside documents.
+    * ``cu_seqlens``: int32 boundaries of the pieces (padding tails count as their own segment)
+      over the flattened ``B*T`` tokens, flash-attention style; ``max_seqlen``: the longest one.
+    * ``tokens_per_source``: non-padding tokens per source name; ``padding_ratio`` in [0, 1].
+    * ``documents``: ``(source, epoch, record, token_offset, length)`` per piece, in row order.
+    * ``step``: the step this batch belongs to.
+
+    ``backend`` is ``"process"`` (source-loader worker processes, ``workers`` options passed to
+    ``ProcessBackend``), ``"inline"`` (no processes) or any object with the ``Backend`` protocol.
+    ``prefetch`` batches are prepared ahead by a background thread. With a CUDA ``device``,
+    batches are pinned and copied without blocking. Iteration is endless unless ``steps`` is set.
+
+    ``state_dict()`` describes the position after the last batch returned; loading it into a new
+    Loader (any number of workers, any ``world_size`` that divides the rows) continues with
+    bitwise the same global batches. Errors from sources surface as ``DataError``.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        rank: int = 0,
+        world_size: int | None = None,
+        *,
+        backend: str | Backend = "process",
+        workers: Mapping[str, Any] | None = None,
+        prefetch: int = 2,
+        device: str | torch.device | None = None,
+        steps: int | None = None,
+    ) -> None:
+        self.plan = plan
+        self.world_size = plan.world_size if world_size is None else world_size
+        plan.check_world_size(self.world_size)
+        if not 0 <= rank < self.world_size:
+            raise DataError(f"loader: rank {rank} is outside world_size {self.world_size}")
+        if prefetch < 1:
+            raise DataError(f"loader: prefetch must be >= 1, got {prefetch}")
+        self.rank = rank
+        self.prefetch = prefetch
+        self.steps = steps
+        self.device = torch.device(device) if device is not None else None
+        self.backend = self._make_backend(backend, workers)
+        self._state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "step": 0,
+            "seed": plan.seed,
+            "sources": {name: {"position": 0, "offset": 0, "skipped": 0} for name in plan.names},
+        }
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._copy_stream = None
+        self.wait_s = 0.0  # total time __next__ blocked waiting for data
+        self.last_wait_s = 0.0
+
+    @staticmethod
+    def _make_backend(backend: str | Backend, workers: Mapping[str, Any] | None) -> Backend:
+        if backend == "inline":
+            return InlineBackend(**(workers or {}))
+        if backend == "process":
+            from thruput.data.workers import ProcessBackend
+
+            return ProcessBackend(**(workers or {}))
+        if isinstance(backend, str):
+            raise DataError(f"loader: backend must be 'process', 'inline' or a Backend object, got {backend!r}")
+        return backend
+
+    # --- production (background thread) -------------------------------------------------------
+
+    def _start(self) -> None:
+        state = self._state
+        self.backend.start(
+            self.plan.sources,
+            self.plan.tokenizer,
+            self.plan.seed,
+            {n: s["position"] for n, s in state["sources"].items()},
+        )
+        readers = [
+            StreamReader(src.name, len(src), lambda n=src.name: self.backend.fetch(n), **state["sources"][src.name])
+            for src in self.plan.sources
+        ]
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        self._thread = threading.Thread(
+            target=self._produce, args=(readers, state["step"]), name="thruput-loader", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, readers: list[StreamReader], step: int) -> None:
+        try:
+            while not self._stop.is_set() and (self.steps is None or step < self.steps):
+                pieces = mix(self.plan, readers, step)
+                batch = collate(self.plan, pieces, rank_rows(self.plan, pieces, self.rank, self.world_size), step)
+                if self.device is not None and self.device.type == "cuda":
+                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+                step += 1
+                state = {
+                    "version": STATE_VERSION,
+                    "step": step,
+                    "seed": self.plan.seed,
+                    "sources": {r.name: r.state() for r in readers},
+                }
+                if not self._put((batch, state)):
+                    return
+            self._put(StopIteration())
+        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+            self._put(exc)
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    # --- consumption ------------------------------------------------------------------------
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._thread is None:
+            if self.steps is not None and self._state["step"] >= self.steps:
+                raise StopIteration
+            self._start()
+        t0 = time.perf_counter()
+        item = self._queue.get()
+        self.last_wait_s = time.perf_counter() - t0
+        self.wait_s += self.last_wait_s
+        if isinstance(item, BaseException):
+            self._shutdown()
+            raise item
+        batch, self._state = item
+        if self.device is not None and self.device.type == "cuda":
+            batch = self._to_device(batch)
+        return batch
+
+    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Copy pinned tensors on a side stream; the compute stream waits for it, not the host."""
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._copy_stream):
+            out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self._copy_stream)
+        for v in out.values():
+            if torch.is_tensor(v):
+                v.record_stream(current)  # keep the memory alive until the compute stream is done with it
+        return out
+
+    # --- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data position after the last batch returned (step and per-source cursors)."""
+        s = self._state
+        return {**s, "sources": {n: dict(c) for n, c in s["sources"].items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state``; ``DataError`` if it does not match this plan's sources and seed."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state: version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state.get("seed") != self.plan.seed:
+            raise DataError(f"loader state: seed {state.get('seed')!r} differs from the plan's seed {self.plan.seed}")
+        names = set(state.get("sources", {}))
+        if names != set(self.plan.names):
+            raise DataError(f"loader state: sources {sorted(names)} differ from the plan's {sorted(self.plan.names)}")
+        self._shutdown()
+        self._state = {
+            "version": STATE_VERSION,
+            "step": int(state["step"]),
+            "seed": self.plan.seed,
+            "sources": {n: {k: int(v) for k, v in c.items()} for n, c in state["sources"].items()},
+        }
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Malformed records skipped so far per source (sources with ``on_error="skip"``)."""
+        return {n: c["skipped"] for n, c in self._state["sources"].items()}
+
+    def stats(self) -> dict[str, Any]:
+        """Plain-data figures: wait time, skipped records and the backend's own (workers, costs)."""
+        return {"wait_s": self.wait_s, "skipped": self.skipped, **self.backend.stats()}
+
+    # --- shutdown -----------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        self._stop.set()
+        self.backend.close()  # first: a producer blocked in fetch() must wake up to see the stop
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop the prefetch thread and all workers; the loader may be iterated again afterwards."""
+        self._shutdown()
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self._shutdown()
+        except Exception:
+            pass
