@@ -1,0 +1,285 @@
+"""The reference training loop: wires data, memory, kernels and the profiler together.
+
+Read top to bottom, one step is: wait for a batch (``data_wait``), move it to the device
+(``h2d``), forward + loss (``forward``), backward (``backward``), gradient sync (``comm``,
+data-parallel only), clip + optimizer + LR schedule (``optimizer``).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from thruput.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from thruput.config import RunConfig, to_dict
+from thruput.models import GPT, GPTConfig
+from thruput.profile import ClockSampler, StepProfiler, lookup_peak, measure_cpu_peak, run_document
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the loss per step and the profiler's run document."""
+
+    losses: list[float] = field(default_factory=list)
+    document: dict[str, Any] | None = None
+    start_step: int = 0
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def build_model(cfg: RunConfig) -> GPT:
+    m = cfg.model
+    return GPT(GPTConfig(vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
+                         n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len))
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """torch AdamW, or thruput's OffloadAdamW; weight decay only on matrices."""
+    o = cfg.optimizer
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.kind == "offload_adamw":
+        from thruput.memory import OffloadAdamW
+
+        return OffloadAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, state_dtype=o.state_dtype,
+                            delayed_update_after=o.delayed_update_after)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to 10% of the peak LR at the last step."""
+    warmup, total = cfg.optimizer.warmup_steps, cfg.steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_loss(cfg: RunConfig, model: GPT) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
+    """Mean cross-entropy over non-ignored labels: naive (full logits) or fused chunked."""
+    if cfg.kernels.fused_cross_entropy:
+        from thruput.kernels import linear_cross_entropy
+
+        def fused(module: torch.nn.Module, batch: dict) -> torch.Tensor:
+            hidden = module.hidden(batch["input_ids"], batch["position_ids"])
+            return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, batch["labels"].flatten(),
+                                        ignore_index=IGNORE_INDEX)
+
+        return fused
+
+    def naive(module: torch.nn.Module, batch: dict) -> torch.Tensor:
+        logits = module(batch["input_ids"], batch["position_ids"])
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+    return naive
+
+
+def batch_flops(model: GPT, batch: dict) -> float:
+    """Training FLOPs of one batch: 6N per token plus attention over each document's length."""
+    lengths = batch["cu_seqlens"].diff().to(torch.float64)
+    tokens = batch["input_ids"].numel()
+    return model.flops_per_token(float((lengths**2).sum()) / tokens) * tokens
+
+
+def build_sources(cfg: RunConfig) -> list:
+    """The configured sources as ``thruput.data`` sources (the stdlib kinds need no files)."""
+    from thruput.data import JsonlSource, ParquetSource, TextFilesSource
+    from thruput.data.corpus import docstrings, stdlib_files
+
+    sources = []
+    for s in cfg.data.sources:
+        common = {"weight": s.weight, "on_error": cfg.data.on_error}
+        if s.kind == "stdlib_code":
+            sources.append(TextFilesSource(s.name, stdlib_files(s.max_files), **common))
+        elif s.kind == "stdlib_prose":
+            sources.append(TextFilesSource(s.name, stdlib_files(s.max_files), transform=docstrings, **common))
+        elif s.kind == "stdlib_long":
+            # The largest modules: long documents that packing must split across rows.
+            files = sorted(stdlib_files(), key=lambda p: (-p.stat().st_size, str(p)))[: s.max_files or 64]
+            sources.append(TextFilesSource(s.name, sorted(files), **common))
+        elif s.kind == "jsonl":
+            sources.append(JsonlSource(s.name, s.path, text_key=s.text_field, **common))
+        elif s.kind == "parquet":
+            sources.append(ParquetSource(s.name, s.path, text_column=s.text_field, **common))
+        else:
+            sources.append(TextFilesSource(s.name, s.path, **common))
+    return sources
+
+
+def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
+    """The data plane for this rank: packed rows of ``seq_len``, ``batch_size`` rows per rank."""
+    from thruput.data import Loader, Plan
+
+    d = cfg.data
+    plan = Plan(build_sources(cfg), seq_len=d.seq_len, tokens_per_batch=d.seq_len * d.batch_size * world,
+                packing=d.pack, world_size=world, seed=cfg.seed)
+    backend = "process" if d.workers > 0 else "inline"
+    return Loader(plan, rank=rank, world_size=world, backend=backend, device=cfg.device)
+
+
+def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
+    if cfg.profile.peak_flops is not None:
+        return cfg.profile.peak_flops
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    if device.type == "cuda":
+        return lookup_peak(torch.cuda.get_device_name(device), dtype)
+    return measure_cpu_peak(dtype)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    resume: bool = False,
+    show_progress: bool = False,
+    print_report: bool = False,
+    stop_after: int | None = None,
+    loader_factory: Callable[[RunConfig, int, int], Any] | None = None,
+) -> TrainResult:
+    """Run ``cfg.steps`` training steps (or stop after ``stop_after`` steps, for tests of
+    interrupted runs) and return losses and the profiler's run document.
+
+    With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` is loaded and the run
+    continues exactly where it stopped: same batches, same optimizer and LR state.
+    """
+    rank, world = _distributed()
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model = build_model(cfg).to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    loss_fn = build_loss(cfg, model)
+    runner: torch.nn.Module = model
+    compiled = None
+    if cfg.kernels.compile:
+        from thruput.kernels import compile as compile_model
+
+        compiled = runner = compile_model(model)
+    comm = None
+    if world > 1:
+        from thruput.comm import GradientBuckets
+
+        comm = GradientBuckets(model.parameters(), op="all_reduce")
+    loader = (loader_factory or build_loader)(cfg, rank, world)
+
+    result = TrainResult()
+    step = 0
+    if resume:
+        if not cfg.checkpoint.dir:
+            raise ValueError("--resume needs checkpoint.dir in the config")
+        path = latest_checkpoint(cfg.checkpoint.dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.checkpoint.dir}")
+        state = load_checkpoint(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        step = result.start_step = int(state["step"])
+        result.losses = list(state["losses"])
+
+    prof = StepProfiler(device, peak_flops=_peak_flops(cfg, device) if cfg.profile.enabled else None,
+                        clocks=ClockSampler(hz=cfg.profile.clock_hz) if cfg.profile.enabled else None,
+                        enabled=cfg.profile.enabled)
+    prof.meta.update({"config": to_dict(cfg), "rank": rank, "world_size": world,
+                      "params": model.num_params(non_embedding=False)})
+    progress = _progress(cfg, step) if show_progress and rank == 0 else None
+    batches = prof.wrap_loader(loader)
+    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
+    try:
+        while step < end:
+            with prof.step(tokens=0, samples=0) as record:
+                batch = next(batches)
+                with prof.phase("h2d"):
+                    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                             for k, v in batch.items()}
+                if cfg.profile.enabled:
+                    record.tokens = batch["input_ids"].numel()
+                    record.samples = batch["input_ids"].shape[0]
+                    record.useful_tokens = sum(batch["tokens_per_source"].values())
+                    record.flops = batch_flops(model, batch)
+                with prof.phase("forward"):
+                    loss = loss_fn(runner, batch)
+                with prof.phase("backward"):
+                    loss.backward()
+                if comm is not None:
+                    prof.add_time("comm", comm.finish())
+                with prof.phase("optimizer"):
+                    if cfg.optimizer.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                if compiled is not None:
+                    for key, value in compiled.stats().items():
+                        if isinstance(value, (int, float)):
+                            prof.counter(key, value)
+            step += 1
+            result.losses.append(loss.item())
+            if progress is not None:
+                progress.advance(loss=result.losses[-1])
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and rank == 0:
+                result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, result))
+    finally:
+        if progress is not None:
+            progress.close()
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+    result.document = run_document(prof, name=cfg.name)
+    if print_report and rank == 0:
+        from thruput.profile import render_terminal
+
+        render_terminal(result.document)
+    if cfg.profile.report_dir and rank == 0:
+        from thruput.profile import save_html, save_json
+
+        save_json(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.json")
+        save_html(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.html")
+    return result
+
+
+def _save(cfg: RunConfig, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: Any, loader: Any, result: TrainResult) -> Path:
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "losses": list(result.losses)}
+    return save_checkpoint(state, cfg.checkpoint.dir, step, keep=cfg.checkpoint.keep)
+
+
+class _progress:
+    """A rich progress bar showing step and loss."""
+
+    def __init__(self, cfg: RunConfig, start: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(f"[bold]{cfg.name}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=False)
+        self.task = self.bar.add_task("train", total=cfg.steps, completed=start, loss="-")
+        self.bar.start()
+
+    def advance(self, loss: float) -> None:
+        self.bar.update(self.task, advance=1, loss=f"{loss:.3f}")
+
+    def close(self) -> None:
+        self.bar.stop()

@@ -1,0 +1,52 @@
+"""The command line: sub-commands, report rendering, bench dispatch, the demo."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from thruput.cli import main
+
+
+def test_help_lists_subcommands(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("demo", "train", "report", "bench", "estimate"):
+        assert command in out
+
+
+def test_unknown_benchmark_lists_known(capsys) -> None:
+    assert main(["bench", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nope'" in err and "profiler" in err
+
+
+def test_bench_profiler_quick_writes_json(tmp_path) -> None:
+    out = tmp_path / "p.json"
+    assert main(["bench", "profiler", "--quick", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["overhead_ratio"] > 0
+
+
+def test_demo_tiny_and_report(tmp_path, capsys) -> None:
+    assert main(["demo", "--tiny", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "demo.html").read_text().startswith("<!doctype html>")
+    html = tmp_path / "again.html"
+    trace = tmp_path / "trace.json"
+    assert main(["report", str(tmp_path / "demo.json"), "--html", str(html), "--trace", str(trace)]) == 0
+    assert "verdict" in capsys.readouterr().out
+    assert html.exists() and json.loads(trace.read_text())["traceEvents"]
+
+
+def test_report_of_missing_file_is_clear(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path / "none.json")]) == 2
+    assert "run file not found" in capsys.readouterr().err
+
+
+def test_train_with_bad_config_names_key(tmp_path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[optimizer]\nlr = 'high'\n")
+    proc = subprocess.run([sys.executable, "-m", "thruput.cli", "train", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "optimizer.lr: expected float" in proc.stderr
