@@ -1,0 +1,447 @@
+"""CPU Adam/AdamW for flat fp32 master weights: one pass per element, fp32 / bf16 / 8-bit states.
+
+``adamw_step`` reads the gradient in its training dtype (bf16, fp16 or fp32), the fp32 master and
+the two moments, and writes the master, the moments and (optionally) the training-dtype copy of
+the parameter, all in one pass. Two implementations compute the same thing:
+
+* ``"cpp"``: a C++ extension (``csrc/adam.cpp``), JIT-built once with torch.utils.cpp_extension
+  and cached in the torch extensions directory; vectorised and multi-threaded.
+* ``"torch"``: a pure-torch fallback, used when there is no compiler (with a warning).
+
+Both do the fp32 arithmetic of torch.optim.AdamW's single-tensor step operation by operation
+(its lerp and addcmul are fused multiply-adds; the C++ is built with ``-ffp-contract=off`` and
+calls ``fma`` exactly there), so fp32 states match torch bit for bit, and the two
+implementations agree bit for bit, including stochastic-rounding decisions, which come from a
+counter-based hash of (step, element index).
+
+State formats (``AdamState``):
+
+* ``fp32``: 8 bytes/param.
+* ``bf16``: 4 bytes/param, written with stochastic rounding so small updates survive in
+  expectation.
+* ``int8``: 2 bytes/param + 8 bytes per 256-element block. The first moment is signed,
+  ``m = s_m * q * |q|`` with ``q`` in [-127, 127]; the second moment is kept in the sqrt domain,
+  ``sqrt(v) = s_v * q**2`` with ``q`` in [0, 255]. The square map gives fine steps near zero;
+  rounding is stochastic and unbiased in value, and a nonzero ``v`` never rounds to zero, so the
+  denominator cannot collapse to ``eps``.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["STATE_DTYPES", "AdamState", "adamw_step", "kernel_available", "kernel_build_error"]
+
+STATE_DTYPES = ("fp32", "bf16", "int8")
+BLOCK = 256  # elements per 8-bit quantisation block
+_GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_M32 = 0xFFFFFFFF
+_M_LEVELS, _V_LEVELS = 127, 255
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdamState:
+    """Adam moments for one flat fp32 master of ``numel`` elements, stored as fp32, bf16 or 8-bit blockwise.
+
+    ``exp_avg`` / ``exp_avg_sq`` hold fp32 or bf16 moments, or the int8 / uint8 codes of the
+    8-bit format, whose per-block scales are ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32,
+    ``ceil(numel / 256)`` each; ``None`` for the other formats).
+    """
+
+    state_dtype: str
+    numel: int
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    exp_avg_scale: Tensor | None = None
+    exp_avg_sq_scale: Tensor | None = None
+
+    @classmethod
+    def create(cls, numel: int, state_dtype: str = "fp32", pin: bool = False) -> AdamState:
+        """Zero moments for ``numel`` elements. ``pin`` puts them in page-locked memory (needs CUDA).
+
+        Raises ValueError for an unknown ``state_dtype``, a negative ``numel``, or ``pin`` without CUDA.
+        """
+        _check_state_dtype(state_dtype)
+        if numel < 0:
+            raise ValueError(f"AdamState.create: numel must be >= 0, got {numel}")
+        if pin and not torch.cuda.is_available():
+            raise ValueError("AdamState.create: pin=True needs CUDA (page-locked memory is for device copies)")
+
+        def zeros(n: int, dtype: torch.dtype) -> Tensor:
+            return torch.zeros(n, dtype=dtype, pin_memory=pin)
+
+        if state_dtype == "int8":
+            nb = _n_blocks(numel)
+            return cls(state_dtype, numel, zeros(numel, torch.int8), zeros(numel, torch.uint8),
+                       zeros(nb, torch.float32), zeros(nb, torch.float32))
+        dtype = torch.float32 if state_dtype == "fp32" else torch.bfloat16
+        return cls(state_dtype, numel, zeros(numel, dtype), zeros(numel, dtype))
+
+    def to_fp32(self) -> tuple[Tensor, Tensor]:
+        """(exp_avg, exp_avg_sq) decoded as new fp32 1-D tensors."""
+        if self.state_dtype != "int8":
+            return self.exp_avg.float().clone(), self.exp_avg_sq.float().clone()
+        return _decode_m(self.exp_avg, self.exp_avg_scale), _decode_v(self.exp_avg_sq, self.exp_avg_sq_scale)
+
+    @classmethod
+    def from_fp32(cls, exp_avg: Tensor, exp_avg_sq: Tensor, state_dtype: str) -> AdamState:
+        """Encode fp32 moments (e.g. from torch.optim.AdamW) with round-to-nearest.
+
+        Raises ValueError for an unknown ``state_dtype`` or moments that are not 1-D of equal length.
+        """
+        _check_state_dtype(state_dtype)
+        if exp_avg.dim() != 1 or exp_avg.shape != exp_avg_sq.shape:
+            raise ValueError(f"AdamState.from_fp32: moments must be 1-D and equal in length, got "
+                             f"{tuple(exp_avg.shape)} and {tuple(exp_avg_sq.shape)}")
+        m = exp_avg.detach().to("cpu", torch.float32)
+        v = exp_avg_sq.detach().to("cpu", torch.float32)
+        if state_dtype == "fp32":
+            return cls("fp32", m.numel(), m.clone(), v.clone())
+        if state_dtype == "bf16":
+            return cls("bf16", m.numel(), m.to(torch.bfloat16), v.to(torch.bfloat16))
+        half = torch.full((m.numel(),), 1 << 15, dtype=torch.int64)  # r = 0.5: round to nearest
+        qm, sm = _encode_m(m, half)
+        qv, sv = _encode_v(v.sqrt(), half)
+        return cls("int8", m.numel(), qm, qv, sm, sv)
+
+    def state_dict(self) -> dict[str, Tensor | str | int]:
+        """Plain data: ``state_dtype``, ``numel`` and the tensors (scales only for int8)."""
+        sd: dict[str, Tensor | str | int] = {"state_dtype": self.state_dtype, "numel": self.numel,
+                                             "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        if self.state_dtype == "int8":
+            sd["exp_avg_scale"] = self.exp_avg_scale
+            sd["exp_avg_sq_scale"] = self.exp_avg_sq_scale
+            sd["block_size"] = BLOCK
+        return sd
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> AdamState:
+        """Inverse of ``state_dict``; raises ValueError on missing keys or inconsistent shapes."""
+        try:
+            state = cls(str(sd["state_dtype"]), int(sd["numel"]), sd["exp_avg"], sd["exp_avg_sq"],
+                        sd.get("exp_avg_scale"), sd.get("exp_avg_sq_scale"))
+        except KeyError as e:
+            raise ValueError(f"AdamState.from_state_dict: missing key {e.args[0]!r}") from None
+        _check_state_dtype(state.state_dtype)
+        if state.state_dtype == "int8" and int(sd.get("block_size", BLOCK)) != BLOCK:
+            raise ValueError(f"AdamState.from_state_dict: block_size {sd['block_size']} != {BLOCK}")
+        state.validate()
+        return state
+
+    def nbytes(self) -> int:
+        """Bytes held by the moment tensors (and scales)."""
+        ts = [self.exp_avg, self.exp_avg_sq, self.exp_avg_scale, self.exp_avg_sq_scale]
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def validate(self) -> None:
+        """Raise ValueError unless dtypes, lengths and layout match ``state_dtype`` and ``numel``."""
+        if self.state_dtype == "int8":
+            want = [(self.exp_avg, torch.int8, self.numel), (self.exp_avg_sq, torch.uint8, self.numel),
+                    (self.exp_avg_scale, torch.float32, _n_blocks(self.numel)),
+                    (self.exp_avg_sq_scale, torch.float32, _n_blocks(self.numel))]
+        else:
+            dtype = torch.float32 if self.state_dtype == "fp32" else torch.bfloat16
+            want = [(self.exp_avg, dtype, self.numel), (self.exp_avg_sq, dtype, self.numel)]
+        for i, (t, dtype, n) in enumerate(want):
+            if not isinstance(t, Tensor) or t.dtype != dtype or t.shape != (n,) or not t.is_contiguous() \
+                    or t.device.type != "cpu":
+                got = "missing" if not isinstance(t, Tensor) else f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                raise ValueError(f"AdamState({self.state_dtype}): tensor {i} must be a contiguous CPU "
+                                 f"{dtype} of shape ({n},), got {got}")
+
+
+def _check_state_dtype(state_dtype: str) -> None:
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"unknown state_dtype {state_dtype!r}; expected one of {STATE_DTYPES}")
+
+
+def _n_blocks(numel: int) -> int:
+    return (numel + BLOCK - 1) // BLOCK
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------
+
+
+def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None = None, *,
+               step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+               grad_scale: float = 1.0, impl: str = "auto") -> None:
+    """One in-place AdamW update over flat contiguous CPU tensors.
+
+    master: fp32 1-D; grad: bf16/fp16/fp32 1-D of the same numel, divided by ``grad_scale``
+    before use (loss scale x clip coefficient); param_out: optional bf16/fp16/fp32 1-D that
+    receives the updated master cast to its dtype (round to nearest). ``step`` is the 1-based
+    step count used for bias correction; it also seeds stochastic rounding, so a run is
+    reproducible. Decoupled weight decay exactly like torch.optim.AdamW.
+
+    impl: "auto" (C++ if it builds, else torch with a warning), "cpp" (RuntimeError naming the
+    build failure if it cannot be built), or "torch". Bad dtypes, lengths, devices or layouts
+    raise ValueError naming the argument.
+    """
+    _check_args(master, grad, state, param_out, step, grad_scale, impl)
+    hyper = _Hyper.make(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+    if impl == "auto":
+        impl = "cpp" if kernel_available() else "torch"
+        if impl == "torch":
+            _warn_fallback_once()
+    if impl == "cpp":
+        ext = _load_extension()
+        ext.adamw_step(master, grad, param_out, state.state_dtype, state.exp_avg, state.exp_avg_sq,
+                       state.exp_avg_scale, state.exp_avg_sq_scale, *hyper.as_args())
+    else:
+        _torch_step(master, grad, state, param_out, hyper)
+
+
+@dataclass(frozen=True)
+class _Hyper:
+    """Per-step constants, computed in double like torch.optim.AdamW, used as fp32 by both impls."""
+
+    decay: float          # 1 - lr * weight_decay
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    step_size: float      # lr / (1 - beta1 ** step)
+    bc2_sqrt: float       # sqrt(1 - beta2 ** step)
+    eps: float
+    grad_scale: float
+    seed: int             # 32-bit stochastic-rounding seed for this step
+
+    @classmethod
+    def make(cls, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+             grad_scale: float) -> _Hyper:
+        for name, val, lo, hi in (("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0)):
+            if not lo <= val < hi:
+                raise ValueError(f"adamw_step: {name} must be in [0, 1), got {val}")
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"adamw_step: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        return cls(1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
+                   lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), eps, float(grad_scale),
+                   _fmix32((step * 0x9E3779B9) & _M32))
+
+    def as_args(self) -> tuple:
+        return (self.decay, self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2,
+                self.step_size, self.bc2_sqrt, self.eps, self.grad_scale, self.seed)
+
+
+def _check_args(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None, step: int,
+                grad_scale: float, impl: str) -> None:
+    if impl not in ("auto", "cpp", "torch"):
+        raise ValueError(f"adamw_step: impl must be 'auto', 'cpp' or 'torch', got {impl!r}")
+    if not isinstance(step, int) or step < 1:
+        raise ValueError(f"adamw_step: step must be a 1-based int, got {step!r}")
+    if not (grad_scale > 0 and math.isfinite(grad_scale)):
+        raise ValueError(f"adamw_step: grad_scale must be finite and > 0, got {grad_scale}")
+    _check_flat("master", master, (torch.float32,), None)
+    _check_flat("grad", grad, _GRAD_DTYPES, master.numel())
+    if param_out is not None:
+        _check_flat("param_out", param_out, _GRAD_DTYPES, master.numel())
+    if not isinstance(state, AdamState):
+        raise ValueError(f"adamw_step: state must be an AdamState, got {type(state).__name__}")
+    _check_state_dtype(state.state_dtype)
+    if state.numel != master.numel():
+        raise ValueError(f"adamw_step: state holds {state.numel} elements but master has {master.numel()}")
+    state.validate()
+
+
+def _check_flat(name: str, t: Tensor, dtypes: tuple[torch.dtype, ...], numel: int | None) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"adamw_step: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"adamw_step: {name} dtype {t.dtype} not supported; expected one of {dtypes}")
+    if t.device.type != "cpu":
+        raise ValueError(f"adamw_step: {name} must be on the CPU, got {t.device}")
+    if t.dim() != 1 or not t.is_contiguous():
+        raise ValueError(f"adamw_step: {name} must be 1-D and contiguous, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"adamw_step: {name} has {t.numel()} elements but master has {numel}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-torch fallback: the same fp32 operations (and fused multiply-adds) as torch.optim.AdamW's
+# single-tensor path, which the C++ repeats in the same order.
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None, h: _Hyper) -> None:
+    g = grad.float()
+    if h.grad_scale != 1.0:
+        g = g / h.grad_scale
+    m, v = state.to_fp32()
+    master.mul_(h.decay)
+    m.lerp_(g, h.one_minus_beta1)  # fma(w, g - m, m), as torch.optim.AdamW does
+    v.mul_(h.beta2).addcmul_(g, g, value=h.one_minus_beta2)  # fma(c * g, g, v * beta2)
+    denom = v.sqrt() / h.bc2_sqrt + h.eps
+    master.addcdiv_(m, denom, value=-h.step_size)
+    if param_out is not None:
+        param_out.copy_(master)
+    if state.state_dtype == "fp32":
+        state.exp_avg.copy_(m)
+        state.exp_avg_sq.copy_(v)
+        return
+    rand = _hash32(torch.arange(master.numel(), dtype=torch.int64), h.seed)
+    r_m, r_v = rand & 0xFFFF, rand >> 16
+    if state.state_dtype == "bf16":
+        state.exp_avg.copy_(_round_bf16_stochastic(m, r_m))
+        state.exp_avg_sq.copy_(_round_bf16_stochastic(v, r_v))
+        return
+    qm, sm = _encode_m(m, r_m)
+    qv, sv = _encode_v(v.sqrt(), r_v)
+    state.exp_avg.copy_(qm)
+    state.exp_avg_scale.copy_(sm)
+    state.exp_avg_sq.copy_(qv)
+    state.exp_avg_sq_scale.copy_(sv)
+
+
+def _fmix32(x: int) -> int:
+    """murmur3's 32-bit finaliser on a Python int."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) without overflowing int64."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def _hash32(idx: Tensor, seed: int) -> Tensor:
+    """fmix32((lo32(i) * golden) ^ hi32(i) * k ^ seed): 32 random bits per element index, as int64."""
+    x = _mul32(idx & _M32, 0x9E3779B1) ^ _mul32(idx >> 32, 0x7FEB352D) ^ seed
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _round_bf16_stochastic(x: Tensor, r16: Tensor) -> Tensor:
+    """fp32 -> bf16 rounding the magnitude up with probability (dropped bits) / 2**16."""
+    bits = (x.view(torch.int32).to(torch.int64) & _M32) + r16
+    hi = (bits >> 16) & 0xFFFF
+    return ((hi ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
+
+
+def _blocks(x: Tensor) -> Tensor:
+    """View (or zero-padded copy) of a 1-D tensor as (n_blocks, BLOCK)."""
+    pad = _n_blocks(x.numel()) * BLOCK - x.numel()
+    return torch.nn.functional.pad(x, (0, pad)).view(-1, BLOCK) if pad else x.view(-1, BLOCK)
+
+
+def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
+    """Code q in [0, levels] with q**2 ~= y (y in units of the block scale), unbiased in value."""
+    t = torch.clamp(torch.floor(y.sqrt()), max=levels - 1)
+    frac = (y - t * t) / (t * 2.0 + 1.0)
+    r = r16.to(torch.float32) * (1.0 / 65536.0)
+    return t + (r < frac).to(torch.float32)
+
+
+def _encode_m(m: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
+    """Signed 8-bit codes and per-block scales s with m ~= s * q * |q|."""
+    n = m.numel()
+    mb, rb = _blocks(m), _blocks(r16)
+    scale = mb.abs().amax(dim=1) / float(_M_LEVELS * _M_LEVELS)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = _stochastic_sq_code(mb.abs() / safe[:, None], rb, _M_LEVELS)
+    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
+    codes = torch.where(mb < 0, -q, q).to(torch.int8).flatten()[:n]
+    return codes, scale
+
+
+def _encode_v(u: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
+    """Unsigned 8-bit codes and per-block scales s with sqrt(v) = u ~= s * q**2; q >= 1 where u > 0."""
+    n = u.numel()
+    ub, rb = _blocks(u), _blocks(r16)
+    scale = ub.amax(dim=1) / float(_V_LEVELS * _V_LEVELS)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = _stochastic_sq_code(ub / safe[:, None], rb, _V_LEVELS)
+    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
+    q = torch.where((ub > 0) & (q == 0), torch.ones_like(q), q)
+    return q.to(torch.uint8).flatten()[:n], scale
+
+
+def _decode_m(codes: Tensor, scale: Tensor) -> Tensor:
+    q = codes.to(torch.int32)
+    return ((q * q.abs()).to(torch.float32).view(-1) * scale.repeat_interleave(BLOCK)[: codes.numel()])
+
+
+def _decode_v(codes: Tensor, scale: Tensor) -> Tensor:
+    q = codes.to(torch.int32)
+    u = (q * q).to(torch.float32) * scale.repeat_interleave(BLOCK)[: codes.numel()]
+    return u * u
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ extension: built on first use, never at import.
+# ---------------------------------------------------------------------------------------------
+
+_CSRC = Path(__file__).parent / "csrc" / "adam.cpp"
+_lock = threading.Lock()
+_ext = None
+_build_error: str | None = None
+_tried = False
+_warned = False
+
+
+def _load_extension():
+    """The compiled module; RuntimeError with the compiler's complaint if it cannot be built."""
+    if not kernel_available():
+        raise RuntimeError(f"thruput CPU Adam extension unavailable (impl='cpp'): {_build_error}")
+    return _ext
+
+
+def kernel_available() -> bool:
+    """Build (or load the cached build of) the C++ kernel once; False if that fails (no compiler, ...)."""
+    global _ext, _build_error, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _ext = _build()
+            except Exception as e:  # a missing compiler surfaces as many exception types
+                _build_error = f"{type(e).__name__}: {e}".strip()
+    return _ext is not None
+
+
+def kernel_build_error() -> str | None:
+    """Why the C++ kernel could not be built, or None if it built (or was not tried yet)."""
+    return _build_error
+
+
+def _build():
+    if not _CSRC.exists():
+        raise FileNotFoundError(f"C++ source {_CSRC} is missing")
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name="thruput_cpu_adam",
+        sources=[str(_CSRC)],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
+def _warn_fallback_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"thruput.memory.adamw_step: C++ kernel unavailable ({_build_error}); using the "
+                      "slower pure-torch fallback", RuntimeWarning, stacklevel=3)
