@@ -12,7 +12,6 @@ from thruput.data.balance import CostModel, assign_pieces, calibrate, lpt_equal_
 from thruput.data.corpus import stdlib_corpus
 from thruput.data.errors import DataError
 from thruput.data.jsonl import JsonlSource
-from thruput.data.loader import Loader
 from thruput.data.mixture import constant, cosine, linear, piecewise
 from thruput.data.parquet import ParquetSource
 from thruput.data.plan import Plan
@@ -20,12 +19,27 @@ from thruput.data.sources import MalformedRecord, MemorySource, Source, TextFile
 from thruput.data.stream import Chunk
 from thruput.data.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
 
+# Loader imports torch; loading it lazily keeps source-loader processes (Ray actors, spawned
+# workers) that only unpickle a Source free of torch's memory.
+_LAZY = {"Loader": "thruput.data.loader", "DeltaCheckpointer": "thruput.data.checkpoint"}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'thruput.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "Backend",
     "ByteTokenizer",
     "Chunk",
     "CostModel",
     "DataError",
+    "DeltaCheckpointer",
     "HFTokenizer",
     "InlineBackend",
     "JsonlSource",

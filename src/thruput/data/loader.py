@@ -4,7 +4,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,11 @@ class Loader:
     * ``step``: the step this batch belongs to.
 
     ``backend`` is ``"process"`` (source-loader worker processes, ``workers`` options passed to
-    ``ProcessBackend``), ``"inline"`` (no processes) or any object with the ``Backend`` protocol.
+    ``ProcessBackend``), ``"inline"`` (no processes), ``"ray"`` (Ray actors shared by all ranks,
+    ``workers`` options passed to ``RayBackend``: ``address``, ``run_id``, pool sizes, ...),
+    ``"auto"`` (``"ray"`` when ``world_size > 1`` or ``workers`` names an ``address``, else
+    ``"process"``), any object with the ``Backend`` protocol, or one that builds whole batches
+    (``open``/``batch``, like ``RayBackend``). ``None`` (the default) takes ``plan.backend``.
     ``prefetch`` batches are prepared ahead by a background thread. With a CUDA ``device``,
     batches are pinned and copied without blocking. Iteration is endless unless ``steps`` is set.
 
@@ -48,7 +52,7 @@ class Loader:
         rank: int = 0,
         world_size: int | None = None,
         *,
-        backend: str | Backend = "process",
+        backend: str | Backend | None = None,
         workers: Mapping[str, Any] | None = None,
         prefetch: int = 2,
         device: str | torch.device | None = None,
@@ -65,7 +69,7 @@ class Loader:
         self.prefetch = prefetch
         self.steps = steps
         self.device = torch.device(device) if device is not None else None
-        self.backend = self._make_backend(backend, workers)
+        self.backend = self._make_backend(plan.backend if backend is None else backend, workers, self.world_size)
         self._state: dict[str, Any] = {
             "version": STATE_VERSION,
             "step": 0,
@@ -80,7 +84,13 @@ class Loader:
         self.last_wait_s = 0.0
 
     @staticmethod
-    def _make_backend(backend: str | Backend, workers: Mapping[str, Any] | None) -> Backend:
+    def _make_backend(backend: str | Backend, workers: Mapping[str, Any] | None, world_size: int) -> Backend:
+        if backend == "auto":
+            backend = "ray" if world_size > 1 or (workers or {}).get("address") else "process"
+        if backend == "ray":
+            from thruput.data.ray_backend import RayBackend
+
+            return RayBackend(**(workers or {}))
         if backend == "inline":
             return InlineBackend(**(workers or {}))
         if backend == "process":
@@ -88,44 +98,54 @@ class Loader:
 
             return ProcessBackend(**(workers or {}))
         if isinstance(backend, str):
-            raise DataError(f"loader: backend must be 'process', 'inline' or a Backend object, got {backend!r}")
+            raise DataError(f"loader: backend must be 'auto', 'process', 'inline', 'ray' or a Backend object, got {backend!r}")
         return backend
 
     # --- production (background thread) -------------------------------------------------------
 
     def _start(self) -> None:
-        state = self._state
-        self.backend.start(
-            self.plan.sources,
-            self.plan.tokenizer,
-            self.plan.seed,
-            {n: s["position"] for n, s in state["sources"].items()},
-        )
-        readers = [
-            StreamReader(src.name, len(src), lambda n=src.name: self.backend.fetch(n), **state["sources"][src.name])
-            for src in self.plan.sources
-        ]
+        state = self.state_dict()
+        if hasattr(self.backend, "batch"):  # builds whole batches itself (RayBackend)
+            self.backend.open(self.plan, self.rank, self.world_size, state)
+            build = self.backend.batch
+        else:
+            self.backend.start(
+                self.plan.sources,
+                self.plan.tokenizer,
+                self.plan.seed,
+                {n: s["position"] for n, s in state["sources"].items()},
+            )
+            readers = [
+                StreamReader(src.name, len(src), lambda n=src.name: self.backend.fetch(n), **state["sources"][src.name])
+                for src in self.plan.sources
+            ]
+            build = lambda step: self._build(readers, step)  # noqa: E731
         self._stop.clear()
         self._queue = queue.Queue(maxsize=self.prefetch)
         self._thread = threading.Thread(
-            target=self._produce, args=(readers, state["step"]), name="thruput-loader", daemon=True
+            target=self._produce, args=(build, state["step"]), name="thruput-loader", daemon=True
         )
         self._thread.start()
 
-    def _produce(self, readers: list[StreamReader], step: int) -> None:
+    def _build(self, readers: list[StreamReader], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This rank's batch of ``step`` and the state after it, from the backend's chunks."""
+        pieces = mix(self.plan, readers, step)
+        batch = collate(self.plan, pieces, rank_rows(self.plan, pieces, self.rank, self.world_size), step)
+        state = {
+            "version": STATE_VERSION,
+            "step": step + 1,
+            "seed": self.plan.seed,
+            "sources": {r.name: r.state() for r in readers},
+        }
+        return batch, state
+
+    def _produce(self, build: Callable[[int], tuple[dict[str, Any], dict[str, Any]]], step: int) -> None:
         try:
             while not self._stop.is_set() and (self.steps is None or step < self.steps):
-                pieces = mix(self.plan, readers, step)
-                batch = collate(self.plan, pieces, rank_rows(self.plan, pieces, self.rank, self.world_size), step)
+                batch, state = build(step)
                 if self.device is not None and self.device.type == "cuda":
                     batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
                 step += 1
-                state = {
-                    "version": STATE_VERSION,
-                    "step": step,
-                    "seed": self.plan.seed,
-                    "sources": {r.name: r.state() for r in readers},
-                }
                 if not self._put((batch, state)):
                     return
             self._put(StopIteration())

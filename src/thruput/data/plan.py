@@ -13,6 +13,7 @@ from thruput.data.sources import Source
 from thruput.data.tokenize import ByteTokenizer, Tokenizer
 
 BALANCE_STRATEGIES = ("lpt", "none")
+BACKENDS = ("auto", "process", "inline", "ray")
 
 
 @dataclass
@@ -28,6 +29,9 @@ class Plan:
     * ``balance``: ``"lpt"`` assigns work to ranks minimising the largest ``cost``; ``"none"``
       gives each rank a contiguous share.
     * ``world_size`` and ``seed``.
+    * ``backend``: who reads the sources, unless the ``Loader`` is told otherwise: ``"auto"``
+      (``"process"`` for one rank, ``"ray"`` for several or when a Ray address is given),
+      ``"process"``, ``"inline"`` or ``"ray"``. It never changes which tokens a step gets.
 
     The tokens of step ``s`` are a pure function of (plan, seed, s) and the per-source stream
     cursors; the cursors are the whole resumable state. Raises ``DataError`` naming the field.
@@ -43,6 +47,7 @@ class Plan:
     seed: int = 0
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
     weights: Callable[[int], Mapping[str, float]] | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         self.sources = list(self.sources)
@@ -57,6 +62,8 @@ class Plan:
         self.check_world_size(self.world_size)
         if self.balance not in BALANCE_STRATEGIES:
             raise DataError(f"plan: balance must be one of {BALANCE_STRATEGIES}, got {self.balance!r}")
+        if self.backend not in BACKENDS:
+            raise DataError(f"plan: backend must be one of {BACKENDS}, got {self.backend!r}")
         if not self.sources:
             raise DataError("plan: no sources")
         names = [s.name for s in self.sources]

@@ -1,0 +1,264 @@
+"""The Ray backend: every trainer rank, on any node, is served by one shared set of actors.
+
+    loader = Loader(plan, rank, world_size, backend="ray", workers={"address": None, "run_id": "exp7"})
+
+Each rank connects to Ray (an existing cluster when ``address`` is given, else a local instance
+that rank 0 starts and the other ranks on the machine join), finds or creates the run's planner
+(named ``"planner"`` in namespace ``thruput-<run_id>``, so two runs never share actors) and
+asks the session's constructor for its batch of each step. The roles are in ``ray_roles``.
+
+Failures:
+
+* a source-loader actor or its process dies: a warm shadow takes over its runs; batches are
+  unchanged (no sample lost or repeated).
+* a source keeps failing (its loaders died more than ``max_failures`` times, or it raises a
+  ``DataError``): ``fetch`` raises ``DataError`` naming the source; nothing retries forever.
+* the planner (or a constructor) dies: a warning says so, and the data plane is rebuilt from the
+  state after the last batch this rank received (its last checkpoint), at most ``max_recoveries``
+  times; the batches that follow are the ones an uninterrupted run would have produced.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from thruput.data.errors import DataError
+from thruput.data.ray_roles import PLANNER_NAME, Planner, data_error, plan_fingerprint
+
+log = logging.getLogger(__name__)
+
+_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_POLL_S = 0.5  # how often a waiting batch() checks whether the backend was closed
+
+
+def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, **init_kwargs: Any) -> str:
+    """Start a Ray instance reachable from this machine only; returns its address.
+
+    Ray resolves 127.0.0.1 to the machine's routable address and listens on every interface;
+    its single-machine mode (the switch it uses on macOS and Windows) binds everything to
+    127.0.0.1 instead. The dashboard stays off unless ``dashboard``.
+    """
+    from ray._private import ray_constants
+
+    previous_env, previous = os.environ.get(_LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_SWITCH] = "0"  # inherited by the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            log_to_driver=False,
+            **init_kwargs,
+        )
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous
+        if previous_env is None:
+            os.environ.pop(_LOOPBACK_SWITCH, None)
+        else:
+            os.environ[_LOOPBACK_SWITCH] = previous_env
+    return ray.get_runtime_context().gcs_address
+
+
+def connect(address: str | None, rank: int, wait_s: float = 60.0) -> None:
+    """Join Ray: the running connection, ``address``, or this machine's instance (rank 0 starts it)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    if rank == 0:
+        start_local_ray()
+        return
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            ray.init(address="auto", log_to_driver=False)
+            return
+        except ConnectionError:
+            if time.monotonic() > deadline:
+                raise DataError(
+                    f"ray backend: rank {rank} found no Ray instance on this machine after {wait_s:.0f} s; "
+                    "rank 0 starts one, or pass workers={'address': ...} (e.g. from `ray start --head`)"
+                ) from None
+            time.sleep(0.5)
+
+
+class RayBackend:
+    """Batches from the run's shared Ray actors; options are fixed at construction.
+
+    * ``address``: a Ray cluster (``"host:port"``, ``"auto"``); None uses the running
+      connection or a local 127.0.0.1-only instance.
+    * ``run_id``: names the namespace ``thruput-<run_id>``; default: a hash of the plan.
+      Concurrent runs of the same plan need distinct ids.
+    * ``min_workers``, ``max_workers``, ``cpu_budget`` (default: the cluster's CPUs): loaders
+      per source, sized from measured CPU seconds per token and tokens consumed, re-sized every
+      ``rescale_every`` steps; ``chunk_docs`` documents per load call, ``prefetch_chunks`` calls
+      in flight per source; ``shadows`` warm spare loaders; ``max_failures`` loader deaths per
+      source before the run stops.
+    * ``ahead``: steps built past the slowest rank; ``wait_s``: longest wait for one batch
+      before ``DataError`` (a rank that stopped iterating); ``max_recoveries``: planner or
+      constructor deaths survived per ``open``.
+    """
+
+    def __init__(
+        self,
+        *,
+        address: str | None = None,
+        run_id: str | None = None,
+        min_workers: int = 1,
+        max_workers: int = 4,
+        cpu_budget: int | None = None,
+        chunk_docs: int = 32,
+        prefetch_chunks: int = 4,
+        rescale_every: int = 16,
+        shadows: int = 1,
+        max_failures: int = 3,
+        ahead: int = 4,
+        wait_s: float = 300.0,
+        max_recoveries: int = 1,
+    ) -> None:
+        if not 1 <= min_workers <= max_workers:
+            raise DataError(f"ray backend: need 1 <= min_workers <= max_workers, got {min_workers}, {max_workers}")
+        for name, value in (("chunk_docs", chunk_docs), ("prefetch_chunks", prefetch_chunks), ("ahead", ahead)):
+            if value < 1:
+                raise DataError(f"ray backend: {name} must be >= 1, got {value}")
+        if shadows < 0 or max_failures < 0 or max_recoveries < 0 or rescale_every < 0:
+            raise DataError("ray backend: shadows, max_failures, max_recoveries and rescale_every must be >= 0")
+        self.address, self.run_id, self.max_recoveries = address, run_id, max_recoveries
+        self.options = {
+            "min_workers": min_workers,
+            "max_workers": max_workers,
+            "cpu_budget": cpu_budget,
+            "chunk_docs": chunk_docs,
+            "prefetch_chunks": prefetch_chunks,
+            "rescale_every": rescale_every,
+            "shadows": shadows,
+            "max_failures": max_failures,
+            "ahead": ahead,
+            "wait_s": wait_s,
+        }
+        self.planner: Any = None
+        self._session: tuple[str, Any] | None = None
+        self._last_stats: dict[str, Any] = {}
+        self.recoveries = 0
+
+    @property
+    def namespace(self) -> str:
+        return f"thruput-{self.run_id}"
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def open(self, plan: Any, rank: int, world_size: int, state: Mapping[str, Any]) -> None:
+        """Join the run's session for ``world_size`` ranks starting at ``state`` (the Loader calls this)."""
+        self.close()
+        connect(self.address, rank)
+        self.plan, self.rank, self.world_size = plan, rank, world_size
+        self.fingerprint = plan_fingerprint(plan)
+        self.run_id = self.run_id or self.fingerprint
+        self._state = dict(state)
+        self.recoveries = 0
+        self._join()
+
+    def _join(self, wait_s: float = 60.0) -> None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.planner = Planner.options(
+                name=PLANNER_NAME, namespace=self.namespace, get_if_exists=True, lifetime="detached"
+            ).remote(self.plan, self.fingerprint, self.options)
+            try:
+                got = ray.get(self.planner.open.remote(self.fingerprint, self.world_size, self._state, self.rank))
+            except RayTaskError as exc:
+                raise data_error(exc) from None
+            except RayActorError:
+                got = None  # the previous run's planner is shutting down; its name frees shortly
+            if got is not None:
+                self._session = got
+                return
+            if time.monotonic() > deadline:
+                raise DataError(f"ray backend: could not open a session with the planner in namespace {self.namespace!r}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """Leave the session; the last rank to leave the run's last session stops the planner."""
+        if self._session is None:
+            return
+        key, _ = self._session
+        self._session = None
+        try:
+            self._last_stats = self.stats()
+            if ray.get(self.planner.release.remote(key, self.rank)):
+                ray.kill(self.planner)
+        except RayActorError:
+            pass  # already gone: nothing left to release
+
+    # --- data -------------------------------------------------------------------------------------
+
+    def batch(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This rank's batch of ``step`` (torch tensors, as ``Loader`` yields) and the state after it."""
+        if self._session is None:
+            raise DataError("ray backend: open() must be called before batch()")
+        ref = self._session[1].batch.remote(step, self.rank)
+        while True:
+            try:
+                arrays, state = ray.get(ref, timeout=_POLL_S)
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass
+            except RayTaskError as exc:
+                raise data_error(exc) from None
+            except RayActorError:
+                if self._session is not None:
+                    self._recover(step)
+                    ref = self._session[1].batch.remote(step, self.rank)
+            if self._session is None:  # close() from another thread: the Loader is shutting down
+                raise DataError("ray backend: closed while fetching")
+        self._state = state
+        batch = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+        return batch, state
+
+    def _recover(self, step: int) -> None:
+        """Rebuild the session from the state after this rank's last batch, once per ``max_recoveries``."""
+        try:
+            ray.get(self.planner.ping.remote(), timeout=10)
+            who = "its data constructor"
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            who = "the data planner"
+        if self.recoveries >= self.max_recoveries:
+            raise DataError(
+                f"ray backend: {who} died at step {step} (namespace {self.namespace!r}) after "
+                f"{self.recoveries} recoveries; resume the run from its last checkpoint"
+            )
+        self.recoveries += 1
+        log.warning(
+            "thruput.data: %s died at step %d (namespace %r); rank %d resumes from its last checkpoint "
+            "(the state after step %d) and rebuilds the data plane",
+            who, step, self.namespace, self.rank, step - 1,
+        )
+        key, _ = self._session
+        try:
+            ray.get(self.planner.release.remote(key, self.rank), timeout=10)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        self._join()
+
+    def stats(self) -> dict[str, Any]:
+        """Pool sizes, measured CPU s per token, loader failures and takeovers (last known if closed)."""
+        if self._session is not None:
+            try:
+                self._last_stats = ray.get(self.planner.stats.remote(), timeout=10)
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                pass
+        return {"backend": "ray", "namespace": self.namespace, "recoveries": self.recoveries, **self._last_stats}
+
+    def pids(self) -> dict[str, Any]:
+        """Process ids of the planner, loaders per source, shadows and constructors."""
+        return ray.get(self.planner.pids.remote())
