@@ -89,6 +89,20 @@ def test_autoscaling_gives_the_slow_source_more_workers():
         proc.close()
 
 
+def test_pools_scale_as_soon_as_every_source_is_measured():
+    slow = MemorySource("slow", ["y" * 50] * 40, transform=spin)
+    fast = MemorySource("fast", ["z" * 50] * 40)
+    proc = ProcessBackend(min_workers=1, max_workers=3, cpu_budget=4, chunk_docs=4, rescale_every=1000)
+    proc.start([slow, fast], ByteTokenizer(), seed=0, positions={"slow": 0, "fast": 0})
+    try:
+        proc.fetch("slow")
+        assert proc.stats()["workers"] == {"slow": 1, "fast": 1}  # "fast" not measured yet
+        proc.fetch("fast")
+        assert proc.stats()["workers"] == {"slow": 3, "fast": 1}
+    finally:
+        proc.close()
+
+
 def die(record):
     os._exit(3)
 

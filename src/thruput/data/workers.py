@@ -6,9 +6,10 @@ sending back only its name and the per-document lengths (no per-sample pickling)
 copies the tokens out and unlinks the block.
 
 Prefetch is bounded per source (``prefetch_chunks`` tasks in flight, at least two per worker):
-when the consumer stops fetching, workers run dry and wait. Every ``rescale_every`` fetched chunks
-the pools are resized: a source's share of ``cpu_budget`` is its measured preprocessing CPU
-seconds per token times the tokens consumed from it, clamped to ``[min_workers, max_workers]``.
+when the consumer stops fetching, workers run dry and wait. As soon as every source has delivered
+tokens, and then every ``rescale_every`` fetched chunks, the pools are resized: a source's share of
+``cpu_budget`` is its measured preprocessing CPU seconds per token times the tokens consumed from
+it, clamped to ``[min_workers, max_workers]``.
 """
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ class ProcessBackend:
         self.start_method = start_method or ("fork" if "fork" in methods else methods[0])
         self._pools: dict[str, _Pool] = {}
         self._fetches = 0
+        self._measured = False
         self._closed = True
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -120,6 +122,7 @@ class ProcessBackend:
         self._ctx, self._tokenizer, self._seed = ctx, tokenizer, seed
         self._closed = False
         self._fetches = 0
+        self._measured = False
         for source in sources:
             pos = int(positions[source.name])
             pool = _Pool(source, ctx.Queue(), ctx.Queue(), next_submit=pos, next_fetch=pos)
@@ -229,7 +232,12 @@ class ProcessBackend:
         pool.tokens += chunk.tokens.size
         pool.fetched_tokens += chunk.tokens.size
         self._fetches += 1
-        if self.rescale_every and self._fetches % self.rescale_every == 0:
+        # Scale as soon as every source has a measured cost: rescale_every chunks at min_workers
+        # can drain a costly source's prefetch before the first periodic rescale.
+        if not self._measured and all(p.tokens for p in self._pools.values()):
+            self._measured = True
+            self._rescale()
+        elif self.rescale_every and self._fetches % self.rescale_every == 0:
             self._rescale()
         self._submit(pool)
         return chunk
