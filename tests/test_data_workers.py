@@ -72,6 +72,19 @@ def test_targets_follow_cost_per_token_within_budget():
         proc.close()
 
 
+def test_targets_stay_within_budget_when_min_workers_raise_cheap_sources():
+    src = [MemorySource(n, ["x"]) for n in "abcd"]
+    proc = ProcessBackend(min_workers=1, max_workers=6, cpu_budget=6)
+    proc.start(src, ByteTokenizer(), seed=0, positions={n: 0 for n in "abcd"})
+    try:
+        for name, cost in zip("abcd", (40.0, 1.0, 1.0, 1.0)):
+            pool = proc._pools[name]
+            pool.cpu_s, pool.tokens, pool.fetched_tokens = cost * 1000, 1000, 1000
+        assert proc.targets() == {"a": 3, "b": 1, "c": 1, "d": 1}  # a's share is 5.6 of 6
+    finally:
+        proc.close()
+
+
 @pytest.mark.slow
 def test_autoscaling_gives_the_slow_source_more_workers():
     slow = MemorySource("slow", ["y" * 50] * 400, transform=spin)

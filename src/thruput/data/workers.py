@@ -177,7 +177,10 @@ class ProcessBackend:
             pool.target -= 1
 
     def targets(self) -> dict[str, int]:
-        """Workers per source that the budget gives, from measured cost per token and demand."""
+        """Workers per source that the budget gives, from measured cost per token and demand.
+
+        The total stays within ``cpu_budget`` unless ``min_workers`` per source alone exceeds it.
+        """
         names = list(self._pools)
         work = np.array(
             [
@@ -189,6 +192,9 @@ class ProcessBackend:
             return {n: self.min_workers for n in names}
         share = work / work.sum() * self.cpu_budget
         counts = np.clip(np.floor(share), self.min_workers, self.max_workers).astype(int)
+        # Raising cheap sources to min_workers can overdraw the budget: take it back from the largest.
+        while counts.sum() > self.cpu_budget and (counts > self.min_workers).any():
+            counts[int(np.argmax(np.where(counts > self.min_workers, counts, -1)))] -= 1
         spare = self.cpu_budget - counts.sum()
         for i in np.argsort(-(share - np.floor(share)), kind="stable"):
             if spare <= 0:
