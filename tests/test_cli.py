@@ -29,12 +29,23 @@ def test_bench_profiler_quick_writes_json(tmp_path) -> None:
     assert figures["overhead_ratio"] > 0
 
 
-def test_demo_tiny_and_report(tmp_path, capsys) -> None:
+def test_demo_tiny_runs_both_sides_and_reports(tmp_path, capsys) -> None:
     assert main(["demo", "--tiny", "--out", str(tmp_path)]) == 0
-    assert (tmp_path / "demo.html").read_text().startswith("<!doctype html>")
+    page = (tmp_path / "demo.html").read_text()
+    assert page.startswith("<!doctype html>") and "baseline" in page and "thruput" in page
+    figures = json.loads((tmp_path / "demo.json").read_text())
+    base, fast = figures["runs"]["baseline"], figures["runs"]["thruput"]
+    assert fast["levers"] == ["data_plane", "offload", "fused_ce", "compile"] and base["levers"] == []
+    # Same labelled tokens (the packed run rounds up to whole rows) and packing leaves no padding.
+    row = figures["setup"]["seq_len"]
+    assert base["useful_tokens"] <= fast["useful_tokens"] < base["useful_tokens"] + figures["setup"]["packed_rows"] * row
+    assert fast["padding_ratio"] < 0.02
+    assert figures["speedup"] > 0 and figures["loss_rel_diff"] >= 0
+    out = capsys.readouterr().out
+    assert "useful tokens/s" in out and "held-out loss" in out
     html = tmp_path / "again.html"
     trace = tmp_path / "trace.json"
-    assert main(["report", str(tmp_path / "demo.json"), "--html", str(html), "--trace", str(trace)]) == 0
+    assert main(["report", str(tmp_path / "thruput.json"), "--html", str(html), "--trace", str(trace)]) == 0
     assert "verdict" in capsys.readouterr().out
     assert html.exists() and json.loads(trace.read_text())["traceEvents"]
 

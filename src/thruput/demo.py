@@ -1,43 +1,262 @@
-"""``thruput demo``: train the small GPT on the standard library's own source and report."""
+"""``thruput demo``: the same small GPT trained twice on the same useful tokens, side by side.
+
+* **baseline**: what a competent PyTorch user writes: torch ``DataLoader`` with a worker, a
+  ``WeightedRandomSampler`` mixing the sources by sample share, pad-to-longest, torch AdamW,
+  the naive loss, no compile (``thruput.baseline``).
+* **thruput**: the data plane (packing, balancing, per-source workers), OffloadAdamW, the fused
+  cross-entropy and shape-bucketed compile, each switchable (``LEVERS``).
+
+The corpus is made on the fly from the Python standard library: whole modules (long documents),
+one function or class per document (hundreds of bytes) and one docstring per document (tens to
+hundreds of bytes). Both runs see the same token mixture: the thruput plan weights sources by the
+baseline sampler's expected token shares. The thruput batch holds as many rows as the baseline's
+mean labelled tokens per step fill, and it runs as many steps as it takes to train on the same
+number of labelled tokens, so the loss curves are comparable token for token. Both models are
+scored on the same held-out documents (modules that neither run trains on).
+"""
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from thruput.config import RunConfig, from_dict
 
+LEVERS = ("data_plane", "offload", "fused_ce", "compile")
+SAMPLE_MIX = {"code": 0.2, "functions": 0.4, "docstrings": 0.4}  # the baseline's sampler shares
 
-def demo_config(steps: int | None = None, tiny: bool = False, out_dir: Path = Path("runs/demo")) -> RunConfig:
-    """The demo run: a 4-layer GPT, 8 rows of 256 bytes per step, sources of different shapes."""
-    size = {"d_model": 64, "n_layers": 2, "n_heads": 2} if tiny else {"d_model": 128, "n_layers": 4, "n_heads": 4}
+
+@dataclass
+class DemoSetup:
+    """Sizes of the demo workload; ``tiny`` is for tests."""
+
+    seq_len: int = 512
+    baseline_rows: int = 8
+    steps: int = 60  # baseline steps; the thruput run trains on the same labelled tokens
+    model: dict[str, Any] = field(default_factory=lambda: {"d_model": 128, "n_layers": 4, "n_heads": 4})
+    train_files: int = 600
+    eval_files: int = 40
+    eval_batches: int = 4
+    lr: float = 2e-3
+    warmup_steps: int = 6
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> DemoSetup:
+        return cls(seq_len=64, baseline_rows=4, steps=6, model={"d_model": 32, "n_layers": 1, "n_heads": 2},
+                   train_files=30, eval_files=4, eval_batches=1, warmup_steps=2)
+
+
+@dataclass
+class RunOutcome:
+    """One trained variant: its profile, losses and held-out score."""
+
+    name: str
+    levers: tuple[str, ...]
+    document: dict[str, Any]
+    losses: list[float]
+    eval_loss: float
+    useful_tokens: int
+    wall_s: float
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.document["summary"]
+
+
+def _sources(setup: DemoSetup, token_shares: dict[str, float] | None) -> list[dict[str, Any]]:
+    kinds = {"code": "stdlib_code", "functions": "stdlib_functions", "docstrings": "stdlib_docstrings"}
+    shares = token_shares or SAMPLE_MIX
+    return [{"name": n, "kind": kinds[n], "weight": shares[n], "max_files": setup.train_files} for n in SAMPLE_MIX]
+
+
+def variant_config(setup: DemoSetup, levers: tuple[str, ...], *, name: str, rows: int, steps: int,
+                   token_shares: dict[str, float] | None, out_dir: Path) -> RunConfig:
+    """The run configuration of one variant (``levers`` switched on)."""
+    unknown = set(levers) - set(LEVERS)
+    if unknown:
+        raise ValueError(f"unknown levers {sorted(unknown)}; expected some of {LEVERS}")
     return from_dict({
-        "name": "demo",
-        "steps": steps or (6 if tiny else 120),
-        "model": size,
-        "data": {
-            "seq_len": 64 if tiny else 256,
-            "batch_size": 4 if tiny else 8,
-            "sources": [
-                {"name": "code", "kind": "stdlib_code", "weight": 0.6, "max_files": 40 if tiny else None},
-                {"name": "prose", "kind": "stdlib_prose", "weight": 0.3, "max_files": 40 if tiny else None},
-                {"name": "long", "kind": "stdlib_long", "weight": 0.1, "max_files": 40 if tiny else None},
-            ],
-        },
-        "optimizer": {"lr": 2e-3, "warmup_steps": 2 if tiny else 10},
+        "name": name,
+        "seed": setup.seed,
+        "steps": steps,
+        "model": setup.model,
+        "data": {"seq_len": setup.seq_len, "batch_size": rows, "pack": True, "workers": 1,
+                 "sources": _sources(setup, token_shares if "data_plane" in levers else None)},
+        "optimizer": {"kind": "offload_adamw" if "offload" in levers else "adamw", "lr": setup.lr,
+                      "warmup_steps": setup.warmup_steps},
+        "kernels": {"fused_cross_entropy": "fused_ce" in levers, "compile": "compile" in levers},
         "profile": {"report_dir": str(out_dir)},
     })
 
 
-def run_demo(out_dir: Path = Path("runs/demo"), steps: int | None = None, tiny: bool = False) -> dict:
-    """Train once with the profiler on and write ``out_dir/demo.{json,html}``."""
-    from thruput.train import train
+class DemoWorkload:
+    """Builds the baseline dataset once and runs any variant of the demo on it."""
+
+    def __init__(self, setup: DemoSetup, out_dir: Path) -> None:
+        from thruput.baseline import ChunkDataset, sampled_chunks
+        from thruput.data import ByteTokenizer
+        from thruput.train import build_sources
+
+        self.setup, self.out_dir = setup, out_dir
+        probe = variant_config(setup, (), name="baseline", rows=setup.baseline_rows, steps=setup.steps,
+                               token_shares=None, out_dir=out_dir)
+        self.dataset = ChunkDataset(build_sources(probe), ByteTokenizer(), setup.seq_len)
+        drawn = sampled_chunks(self.dataset, batch_size=setup.baseline_rows, steps=setup.steps, seed=setup.seed)
+        self.baseline_tokens = int(self.dataset.lengths[drawn].sum())
+        self.token_shares = self.dataset.token_shares()
+        # Rows per packed step: the baseline's mean labelled tokens per step, in whole rows.
+        self.packed_rows = max(1, round(self.baseline_tokens / setup.steps / setup.seq_len))
+        self.packed_steps = max(1, math.ceil(self.baseline_tokens / (self.packed_rows * setup.seq_len)))
+        self._eval: list[dict] | None = None
+
+    def eval_batches(self) -> list[dict]:
+        """Held-out batches: documents of the stdlib modules after the training files, packed."""
+        if self._eval is None:
+            from thruput.data import Loader, MemorySource, Plan
+            from thruput.data.corpus import definitions, stdlib_files
+
+            s = self.setup
+            files = stdlib_files(s.train_files + s.eval_files)[s.train_files:]
+            code = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+            functions, docs = [], []
+            for text in code:
+                f, d = definitions(text)
+                functions += f
+                docs += d
+            sources = [MemorySource(n, texts, weight=self.token_shares[n])
+                       for n, texts in (("code", code), ("functions", functions), ("docstrings", docs)) if texts]
+            plan = Plan(sources, seq_len=s.seq_len, tokens_per_batch=s.seq_len * self.packed_rows, seed=s.seed + 1)
+            with Loader(plan, backend="inline", steps=s.eval_batches) as loader:
+                self._eval = list(loader)
+        return self._eval
+
+    def run(self, levers: tuple[str, ...], name: str | None = None, show_progress: bool = True) -> RunOutcome:
+        """Train one variant and score it on the held-out batches."""
+        from thruput.baseline import loader_for
+        from thruput.train import evaluate, train
+
+        name = name or ("+".join(levers) if levers else "baseline")
+        s = self.setup
+        packed = "data_plane" in levers
+        cfg = variant_config(s, levers, name=name, rows=self.packed_rows if packed else s.baseline_rows,
+                             steps=self.packed_steps if packed else s.steps, token_shares=self.token_shares,
+                             out_dir=self.out_dir)
+
+        def baseline_loader(cfg: RunConfig, rank: int, world: int) -> Any:
+            return loader_for(self.dataset, batch_size=s.baseline_rows, steps=s.steps, seed=s.seed, workers=1)
+
+        t0 = time.perf_counter()
+        result = train(cfg, show_progress=show_progress, loader_factory=None if packed else baseline_loader)
+        wall = time.perf_counter() - t0
+        assert result.model is not None and result.document is not None
+        return RunOutcome(name, levers, result.document, result.losses, evaluate(result.model, self.eval_batches()),
+                          result.useful_tokens, wall)
+
+
+def compare(baseline: RunOutcome, candidate: RunOutcome) -> dict[str, Any]:
+    """Speedup in useful tokens/s and relative difference of the held-out loss."""
+    b, c = baseline.summary, candidate.summary
+    return {
+        "speedup": c["useful_tokens_per_s"] / b["useful_tokens_per_s"],
+        "wall_speedup": (baseline.wall_s / baseline.useful_tokens) / (candidate.wall_s / candidate.useful_tokens),
+        "loss_rel_diff": abs(candidate.eval_loss - baseline.eval_loss) / baseline.eval_loss,
+        "train_loss_rel_diff": abs(candidate.losses[-1] - baseline.losses[-1]) / baseline.losses[-1],
+    }
+
+
+def outcome_figures(run: RunOutcome) -> dict[str, Any]:
+    """The numbers of one run that the table, the JSON and docs/benchmarks.md show."""
+    s = run.summary
+    return {
+        "levers": list(run.levers),
+        "useful_tokens_per_s": s["useful_tokens_per_s"],
+        "step_time_s": s["step_time_s"]["median"],
+        "steps": len(run.losses),
+        "useful_tokens": run.useful_tokens,
+        "stall_fraction": s["phase_share"]["data_wait"],
+        "padding_ratio": s["padding_ratio"],
+        "peak_memory_bytes": s["peak_memory_bytes"],
+        "final_train_loss": run.losses[-1],
+        "eval_loss": run.eval_loss,
+        "wall_s": run.wall_s,
+        "verdict": run.document["verdict"]["bottleneck"],
+    }
+
+
+def setup_figures(workload: DemoWorkload) -> dict[str, Any]:
+    """The workload's shape: sizes of both sides and the mixture the plan was given."""
+    s = workload.setup
+    return {"seq_len": s.seq_len, "baseline_rows": s.baseline_rows, "baseline_steps": s.steps,
+            "packed_rows": workload.packed_rows, "packed_steps": workload.packed_steps,
+            "labelled_tokens": workload.baseline_tokens, "sample_mix": SAMPLE_MIX,
+            "token_shares": workload.token_shares, **s.model}
+
+
+def display_rows(runs: list[RunOutcome]) -> dict[str, dict[str, str]]:
+    """Row label -> run name -> formatted value; the first run is the reference for ratios."""
+    figures = {r.name: outcome_figures(r) for r in runs}
+    reference = figures[runs[0].name]["useful_tokens_per_s"]
+    formats = {
+        "useful tokens/s": lambda f: f"{f['useful_tokens_per_s']:,.0f}",
+        "speedup": lambda f: f"{f['useful_tokens_per_s'] / reference:.2f}x",
+        "step time (median)": lambda f: f"{f['step_time_s'] * 1e3:,.0f} ms",
+        "steps": lambda f: str(f["steps"]),
+        "labelled tokens": lambda f: f"{f['useful_tokens']:,}",
+        "stall (data wait)": lambda f: f"{f['stall_fraction']:.1%}",
+        "padding": lambda f: f"{f['padding_ratio']:.1%}",
+        "peak memory (RSS)": lambda f: f"{f['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        "final train loss": lambda f: f"{f['final_train_loss']:.3f}",
+        "held-out loss": lambda f: f"{f['eval_loss']:.3f}",
+        "wall time": lambda f: f"{f['wall_s']:.0f} s",
+        "verdict": lambda f: f["verdict"],
+    }
+    return {label: {name: fmt(f) for name, f in figures.items()} for label, fmt in formats.items()}
+
+
+def comparison_table(rows: dict[str, dict[str, str]], title: str) -> Table:
+    """``display_rows`` as a rich table."""
+    names = list(next(iter(rows.values())))
+    table = Table(title=title)
+    table.add_column("")
+    for name in names:
+        table.add_column(name, justify="right")
+    for label, row in rows.items():
+        table.add_row(label, *(row[n] for n in names))
+    return table
+
+
+def run_demo(out_dir: Path = Path("runs/demo"), steps: int | None = None, tiny: bool = False) -> dict[str, Any]:
+    """Train the baseline and thruput variants, print the comparison, write the HTML report."""
+    from thruput.profile import save_comparison_html, save_json
 
     console = Console()
-    cfg = demo_config(steps, tiny, out_dir)
-    console.print(f"thruput demo: GPT {cfg.model.n_layers}x{cfg.model.d_model}, {cfg.steps} steps of "
-                  f"{cfg.data.batch_size}x{cfg.data.seq_len} tokens from the Python standard library", markup=False)
-    result = train(cfg, show_progress=True, print_report=True)
-    console.print(f"reports: {out_dir / 'demo.json'}, {out_dir / 'demo.html'}  "
-                  f"(re-render with `thruput report {out_dir / 'demo.json'} --html OUT`)", markup=False)
-    return result.document
+    setup = DemoSetup.tiny() if tiny else DemoSetup()
+    if steps is not None:
+        setup.steps = steps
+    console.print("thruput demo: building the corpus from this Python's standard library ...", markup=False)
+    workload = DemoWorkload(setup, out_dir)
+    m = setup.model
+    console.print(f"GPT {m['n_layers']}x{m['d_model']}, seq_len {setup.seq_len}; baseline {setup.steps} steps of "
+                  f"{setup.baseline_rows} padded rows, thruput {workload.packed_steps} steps of "
+                  f"{workload.packed_rows} packed rows; {workload.baseline_tokens:,} labelled tokens each",
+                  markup=False)
+    runs = [workload.run((), "baseline"), workload.run(LEVERS, "thruput")]
+    rows = display_rows(runs)
+    console.print(comparison_table(rows, "thruput demo: same model, same labelled tokens"))
+    result = {**compare(runs[0], runs[1]), "runs": {r.name: outcome_figures(r) for r in runs},
+              "setup": setup_figures(workload)}
+    headline = (f"speedup {result['speedup']:.2f}x in useful tokens/s ({result['wall_speedup']:.2f}x in wall time "
+                f"per labelled token, set-up and compilation included); held-out loss differs by "
+                f"{result['loss_rel_diff']:.1%}")
+    console.print(headline, markup=False)
+    html = save_comparison_html([r.document for r in runs], rows, headline, out_dir / "demo.html")
+    save_json(result, out_dir / "demo.json")
+    console.print(f"HTML report: {html}; figures: {out_dir / 'demo.json'}; per-run reports: "
+                  f"{out_dir}/baseline.json, {out_dir}/thruput.json (`thruput report RUN.json`)", markup=False)
+    return result

@@ -32,6 +32,8 @@ class TrainResult:
     document: dict[str, Any] | None = None
     start_step: int = 0
     checkpoints: list[Path] = field(default_factory=list)
+    model: torch.nn.Module | None = None
+    useful_tokens: int = 0  # labelled (non-padding) positions trained on, all ranks
 
 
 def build_model(cfg: RunConfig) -> GPT:
@@ -73,17 +75,36 @@ def build_loss(cfg: RunConfig, model: GPT) -> Callable[[torch.nn.Module, dict], 
         from thruput.kernels import linear_cross_entropy
 
         def fused(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-            hidden = module.hidden(batch["input_ids"], batch["position_ids"])
+            hidden = module.hidden(batch["input_ids"], batch.get("position_ids"))
             return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, batch["labels"].flatten(),
                                         ignore_index=IGNORE_INDEX)
 
         return fused
 
     def naive(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-        logits = module(batch["input_ids"], batch["position_ids"])
+        logits = module(batch["input_ids"], batch.get("position_ids"))
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
     return naive
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[dict]) -> float:
+    """Mean cross-entropy per labelled token over ``batches`` (document-masked when the batches
+    carry ``position_ids``), in eval mode; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            logits = model(batch["input_ids"], batch.get("position_ids"))
+            labels = batch["labels"].flatten()
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX,
+                                           reduction="sum"))
+            count += int((labels != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
 
 
 def batch_flops(model: GPT, batch: dict) -> float:
@@ -96,7 +117,7 @@ def batch_flops(model: GPT, batch: dict) -> float:
 def build_sources(cfg: RunConfig) -> list:
     """The configured sources as ``thruput.data`` sources (the stdlib kinds need no files)."""
     from thruput.data import JsonlSource, ParquetSource, TextFilesSource
-    from thruput.data.corpus import docstrings, stdlib_files
+    from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files
 
     sources = []
     for s in cfg.data.sources:
@@ -109,6 +130,9 @@ def build_sources(cfg: RunConfig) -> list:
             # The largest modules: long documents that packing must split across rows.
             files = sorted(stdlib_files(), key=lambda p: (-p.stat().st_size, str(p)))[: s.max_files or 64]
             sources.append(TextFilesSource(s.name, sorted(files), **common))
+        elif s.kind in ("stdlib_functions", "stdlib_docstrings"):
+            path = stdlib_definitions(s.max_files)[s.kind.removeprefix("stdlib_")]
+            sources.append(JsonlSource(s.name, path, text_key="text", **common))
         elif s.kind == "jsonl":
             sources.append(JsonlSource(s.name, s.path, text_key=s.text_field, **common))
         elif s.kind == "parquet":
@@ -125,8 +149,10 @@ def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
     d = cfg.data
     plan = Plan(build_sources(cfg), seq_len=d.seq_len, tokens_per_batch=d.seq_len * d.batch_size * world,
                 packing=d.pack, world_size=world, seed=cfg.seed)
-    backend = "process" if d.workers > 0 else "inline"
-    return Loader(plan, rank=rank, world_size=world, backend=backend, device=cfg.device)
+    if d.workers == 0:
+        return Loader(plan, rank=rank, world_size=world, backend="inline", device=cfg.device)
+    return Loader(plan, rank=rank, world_size=world, backend="process", device=cfg.device,
+                  workers={"cpu_budget": d.workers, "max_workers": d.workers})
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
@@ -182,8 +208,13 @@ def train(
 
         comm = GradientBuckets(model.parameters(), op="all_reduce")
     loader = (loader_factory or build_loader)(cfg, rank, world)
+    prof = StepProfiler(device, peak_flops=_peak_flops(cfg, device) if cfg.profile.enabled else None,
+                        clocks=ClockSampler(hz=cfg.profile.clock_hz) if cfg.profile.enabled else None,
+                        enabled=cfg.profile.enabled)
+    prof.meta.update({"config": to_dict(cfg), "rank": rank, "world_size": world,
+                      "params": model.num_params(non_embedding=False)})
 
-    result = TrainResult()
+    result = TrainResult(model=model)
     step = 0
     if resume:
         if not cfg.checkpoint.dir:
@@ -196,14 +227,12 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
+        prof.load_state_dict(state["profiler"])
         step = result.start_step = int(state["step"])
         result.losses = list(state["losses"])
+        result.useful_tokens = int(state["useful_tokens"])
+        prof.meta["resumed_from"] = {"checkpoint": str(path), "step": step}
 
-    prof = StepProfiler(device, peak_flops=_peak_flops(cfg, device) if cfg.profile.enabled else None,
-                        clocks=ClockSampler(hz=cfg.profile.clock_hz) if cfg.profile.enabled else None,
-                        enabled=cfg.profile.enabled)
-    prof.meta.update({"config": to_dict(cfg), "rank": rank, "world_size": world,
-                      "params": model.num_params(non_embedding=False)})
     progress = _progress(cfg, step) if show_progress and rank == 0 else None
     batches = prof.wrap_loader(loader)
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
@@ -214,10 +243,11 @@ def train(
                 with prof.phase("h2d"):
                     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
+                useful = int((batch["labels"] != IGNORE_INDEX).sum())
                 if cfg.profile.enabled:
                     record.tokens = batch["input_ids"].numel()
                     record.samples = batch["input_ids"].shape[0]
-                    record.useful_tokens = sum(batch["tokens_per_source"].values())
+                    record.useful_tokens = useful
                     record.flops = batch_flops(model, batch)
                 with prof.phase("forward"):
                     loss = loss_fn(runner, batch)
@@ -227,26 +257,36 @@ def train(
                     prof.add_time("comm", comm.finish())
                 with prof.phase("optimizer"):
                     if cfg.optimizer.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
+                        clip = getattr(optimizer, "clip_grad_norm_", None)
+                        if clip is not None:  # OffloadAdamW: the gradients live in host buckets
+                            clip(cfg.optimizer.grad_clip)
+                        else:
+                            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+                _attribute_offload(prof, optimizer)
                 if compiled is not None:
                     for key, value in compiled.stats().items():
                         if isinstance(value, (int, float)):
                             prof.counter(key, value)
             step += 1
             result.losses.append(loss.item())
+            result.useful_tokens += useful
             if progress is not None:
                 progress.advance(loss=result.losses[-1])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and rank == 0:
-                result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, result))
+                result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, prof, result))
     finally:
         if progress is not None:
             progress.close()
         close = getattr(loader, "close", None)
         if close is not None:
             close()
+    if world > 1:
+        total = torch.tensor([result.useful_tokens], dtype=torch.int64)
+        dist.all_reduce(total)
+        result.useful_tokens = int(total)
     result.document = run_document(prof, name=cfg.name)
     if print_report and rank == 0:
         from thruput.profile import render_terminal
@@ -260,10 +300,21 @@ def train(
     return result
 
 
+def _attribute_offload(prof: StepProfiler, optimizer: torch.optim.Optimizer) -> None:
+    """Move OffloadAdamW's copy time out of ``optimizer`` into ``h2d`` (both directions: the
+    profiler has one transfer phase). Gradient copies made during backward stay in ``backward``."""
+    timings = getattr(optimizer, "last_timings", None)
+    if timings:
+        copies = float(timings.get("h2d", 0.0))
+        prof.add_time("h2d", copies)
+        prof.add_time("optimizer", -copies)
+
+
 def _save(cfg: RunConfig, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, loader: Any, result: TrainResult) -> Path:
+          scheduler: Any, loader: Any, prof: StepProfiler, result: TrainResult) -> Path:
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "losses": list(result.losses)}
+             "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "profiler": prof.state_dict(),
+             "losses": list(result.losses), "useful_tokens": result.useful_tokens}
     return save_checkpoint(state, cfg.checkpoint.dir, step, keep=cfg.checkpoint.keep)
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import ast
+import json
+import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -25,6 +28,54 @@ def docstrings(code: str) -> str:
         return ""
     nodes = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
     return "\n\n".join(doc for n in nodes if (doc := ast.get_docstring(n)))
+
+
+def definitions(code: str) -> tuple[list[str], list[str]]:
+    """(source of each function/class of at most 4 KiB, each docstring) of one module."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return [], []
+    lines = code.splitlines(keepends=True)
+    functions, docs = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            # Slicing by line numbers: ast.get_source_segment re-splits the file on every call.
+            segment = "".join(lines[node.lineno - 1:node.end_lineno])
+            if len(segment) <= 4096:
+                functions.append(segment)
+            if doc := ast.get_docstring(node):
+                docs.append(doc)
+    return functions, docs
+
+
+def default_corpus_dir() -> Path:
+    """Where generated corpora are cached: ``$THRUPUT_CACHE/corpus`` or ``~/.cache/thruput/corpus``."""
+    return Path(os.environ.get("THRUPUT_CACHE", Path.home() / ".cache" / "thruput")) / "corpus"
+
+
+def stdlib_definitions(max_files: int | None = None, directory: Path | None = None) -> dict[str, Path]:
+    """JSONL files ``{"text": ...}`` of the standard library's definitions, written once and cached.
+
+    ``functions``: one function or class per record (up to 4 KiB, hundreds of bytes typically);
+    ``docstrings``: one docstring per record (tens to hundreds of bytes, like instruction data).
+    The cache key is the interpreter version and ``max_files``; files are replaced atomically.
+    """
+    key = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}-{max_files or 'all'}"
+    folder = (directory or default_corpus_dir()) / key
+    paths = {"functions": folder / "functions.jsonl", "docstrings": folder / "docstrings.jsonl"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = {k: p.with_name(f"{p.name}.{os.getpid()}.tmp") for k, p in paths.items()}
+    with tmp["functions"].open("w") as fn, tmp["docstrings"].open("w") as ds:
+        for path in stdlib_files(max_files):
+            functions, docs = definitions(path.read_text(encoding="utf-8", errors="replace"))
+            fn.writelines(json.dumps({"text": t}) + "\n" for t in functions)
+            ds.writelines(json.dumps({"text": t}) + "\n" for t in docs)
+    for k, p in paths.items():
+        tmp[k].replace(p)
+    return paths
 
 
 def stdlib_corpus(

@@ -1,6 +1,6 @@
 """Step profiler: phases of each step, throughput, MFU, memory, clocks, verdict and reports."""
 from thruput.profile.clocks import ClockSampler, ClockSource, CpuFreqSource, NvmlSource
-from thruput.profile.html import render_html, save_html
+from thruput.profile.html import render_comparison_html, render_html, save_comparison_html, save_html
 from thruput.profile.peaks import lookup_peak, measure_cpu_peak
 from thruput.profile.report import load_json, render_terminal, run_document, save_json
 from thruput.profile.steps import PHASES, StepProfiler, StepRecord
@@ -10,5 +10,5 @@ from thruput.profile.verdict import Finding, Verdict, verdict
 __all__ = [
     "PHASES", "ClockSampler", "ClockSource", "CpuFreqSource", "Finding", "NvmlSource", "StepProfiler",
     "StepRecord", "Verdict", "chrome_trace", "load_json", "lookup_peak", "measure_cpu_peak",
-    "render_html", "render_terminal", "run_document", "save_html", "save_json", "save_trace", "verdict",
+    "render_comparison_html", "render_html", "render_terminal", "save_comparison_html", "run_document", "save_html", "save_json", "save_trace", "verdict",
 ]

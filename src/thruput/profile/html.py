@@ -93,8 +93,19 @@ def plot_clock_vs_time(steps: list[dict], source: str, metric: str) -> str:
     return _svg(parts)
 
 
-def render_html(document: dict[str, Any]) -> str:
-    """The whole report as one HTML string."""
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:800px}
+table{border-collapse:collapse} th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee}
+td.n{text-align:right} svg{display:block;margin:1em 0;font-size:11px} .ax{stroke:#444}
+.t{font-weight:bold;font-size:13px} .verdict{padding:.5em 1em;background:#f4f7f0;border-left:4px solid #a8c686}"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!doctype html>\n<html><head><meta charset="utf-8"><title>{title}</title>\n'
+            f"<style>\n{_STYLE}\n</style></head><body>\n{body}\n</body></html>\n")
+
+
+def run_section(document: dict[str, Any], level: int = 1) -> str:
+    """One run's verdict, summary table, plots and metadata as an HTML fragment."""
     s, v = document["summary"], document["verdict"]
     name = escape(str(document["name"]))
     rows = []
@@ -129,25 +140,48 @@ def render_html(document: dict[str, Any]) -> str:
             plots.append(plot_clock_vs_time(steps, source, info["clock_metric"]))
         else:
             plots.append(f"<p>clock {escape(source)}: absent ({escape(str(info.get('detail')))})</p>")
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>thruput report: {name}</title>
-<style>
-body{{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:800px}}
-table{{border-collapse:collapse}} th,td{{padding:2px 10px;text-align:left;border-bottom:1px solid #eee}}
-svg{{display:block;margin:1em 0;font-size:11px}} .ax{{stroke:#444}} .t{{font-weight:bold;font-size:13px}}
-.verdict{{padding:.5em 1em;background:#f4f7f0;border-left:4px solid #a8c686}}
-</style></head><body>
-<h1>thruput report: {name}</h1>
-<div class="verdict"><h2>verdict: {escape(v['bottleneck'])}</h2><ul>{findings}</ul></div>
-<h2>summary</h2><table>{''.join(rows)}</table>
-<h2>plots</h2>{''.join(plots)}
-<h2>run</h2><table>{meta}</table>
-</body></html>
-"""
+    h, sub = f"h{level}", f"h{level + 1}"
+    return (f"<{h}>thruput report: {name}</{h}>\n"
+            f"<div class=\"verdict\"><{sub}>verdict: {escape(v['bottleneck'])}</{sub}><ul>{findings}</ul></div>\n"
+            f"<{sub}>summary</{sub}><table>{''.join(rows)}</table>\n"
+            f"<{sub}>plots</{sub}>{''.join(plots)}\n"
+            f"<{sub}>run</{sub}><table>{meta}</table>")
+
+
+def render_html(document: dict[str, Any]) -> str:
+    """The whole report of one run as one HTML string."""
+    return _page(f"thruput report: {escape(str(document['name']))}", run_section(document))
+
+
+def render_comparison_html(documents: list[dict[str, Any]], figures: dict[str, dict[str, Any]],
+                           headline: str) -> str:
+    """Runs side by side: a table of ``figures`` (row label -> run name -> display string), a
+    ``headline`` sentence, then each run's full section."""
+    names = [str(d["name"]) for d in documents]
+    head = "".join(f"<th>{escape(n)}</th>" for n in names)
+    body = "".join(
+        f"<tr><th>{escape(label)}</th>" + "".join(f"<td class=n>{escape(str(row.get(n, '')))}</td>" for n in names)
+        + "</tr>"
+        for label, row in figures.items()
+    )
+    sections = "".join(f"<hr>{run_section(d, level=2)}" for d in documents)
+    return _page("thruput: side by side", f"<h1>thruput: side by side</h1>\n<p>{escape(headline)}</p>\n"
+                 f"<table><tr><th></th>{head}</tr>{body}</table>\n{sections}")
 
 
 def save_html(document: dict[str, Any], path: str | Path) -> Path:
+    """Write ``render_html(document)`` to ``path`` (parents created); returns the path."""
+    return _write(render_html(document), path)
+
+
+def save_comparison_html(documents: list[dict[str, Any]], figures: dict[str, dict[str, Any]], headline: str,
+                         path: str | Path) -> Path:
+    """Write ``render_comparison_html`` to ``path``; returns the path."""
+    return _write(render_comparison_html(documents, figures, headline), path)
+
+
+def _write(text: str, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(document))
+    path.write_text(text)
     return path

@@ -23,7 +23,7 @@ import resource
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -249,6 +249,27 @@ class StepProfiler:
             # Late samples fall into the last steps' windows; re-read them now.
             for record in self.records[-2:]:
                 record.clock = self.clocks.window(record.start, record.host_end)
+
+    # --- checkpointing -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The finished steps as plain data, so a resumed run reports the whole run (one
+        synchronize on CUDA to resolve pending steps)."""
+        if self.enabled:
+            self._resolve(block=True)
+        return {"records": [asdict(r) for r in self.records], "next_index": self._next_index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore earlier steps. Their host times come from another process, so they are
+        shifted to end now: the timeline stays ordered, gaps between runs are not shown."""
+        records = [StepRecord(**r) for r in state["records"]]
+        if records:
+            shift = time.perf_counter() - records[-1].host_end
+            for r in records:
+                r.start += shift
+                r.host_end += shift
+        self.records = records
+        self._next_index = int(state["next_index"])
 
     # --- summary ---------------------------------------------------------------------------
 
