@@ -15,8 +15,8 @@ from tempfile import TemporaryDirectory
 
 from rich.console import Console
 
-from thruput.demo import LEVERS, DemoSetup, DemoWorkload, comparison_table, compare, display_rows, outcome_figures,
-                         setup_figures
+from thruput.demo import (LEVERS, DemoSetup, DemoWorkload, compare, comparison_table, display_rows,
+                          outcome_figures, setup_figures)
 
 DESCRIPTION = "demo workload: thruput vs baseline useful tokens/s (goal >= 2) and loss (goal <= 2%), per lever"
 
