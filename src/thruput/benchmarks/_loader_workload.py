@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,17 +118,26 @@ class PeerChunks(Dataset):
         return torch.as_tensor(mix[src] / counts[src], dtype=torch.double)
 
 
-def peer_loader(kind: str, dataset: PeerChunks, batch_size: int, workers: int, samples: int, seed: int) -> DataLoader:
-    """torch ``DataLoader`` (``kind="torch_dataloader"``) or torchdata ``StatefulDataLoader``."""
+def peer_loader(kind: str, dataset: PeerChunks, batch_size: int, workers: int, seed: int) -> DataLoader:
+    """torch ``DataLoader`` (``kind="torch_dataloader"``) or torchdata ``StatefulDataLoader``.
+
+    An epoch draws as many chunks as the dataset holds, as a user of the weighted sampler would.
+    """
     if kind == "torchdata":
         from torchdata.stateful_dataloader import StatefulDataLoader as cls
     else:
         cls = DataLoader
-    sampler = WeightedRandomSampler(dataset.sample_weights(), samples, replacement=True,
+    sampler = WeightedRandomSampler(dataset.sample_weights(), len(dataset), replacement=True,
                                     generator=torch.Generator().manual_seed(seed))
     return cls(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                collate_fn=PadCollate([s.name for s in dataset.sources]), persistent_workers=True,
                prefetch_factor=4)
+
+
+def epochs(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Iterate ``loader`` epoch after epoch, as a training loop does."""
+    while True:
+        yield from loader
 
 
 def consume(batches: Iterable[dict[str, Any]], s_per_token: float, warmup: int, seconds: float,
@@ -186,8 +195,8 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     else:
         lengths = [np.load(folder / f"{name}.lengths.npy") for name, _ in SOURCES]
         dataset = PeerChunks(sources, lengths, seq_len)
-        loader = peer_loader(cfg["peer"], dataset, rows, workers, samples=10**7, seed=cfg["seed"])
-        out = consume(loader, *common)
+        loader = peer_loader(cfg["peer"], dataset, rows, workers, seed=cfg["seed"])
+        out = consume(epochs(loader), *common)
         out["worker_processes"] = workers
         del loader
     out["startup_s"] = out.pop("first_batch_at") - t0  # indexing, worker start and the first batch
