@@ -1,0 +1,14 @@
+"""thruput.memory: training bigger models on the same hardware (ZeRO-Offload style).
+
+* :class:`OffloadAdamW` -- a ``torch.optim.Optimizer`` keeping fp32 master weights, gradients
+  and Adam states in host memory; gradients stream to the host during backward.
+* :class:`Zero2OffloadAdamW` -- the same, each data-parallel rank owning a shard (ZeRO-2).
+* :func:`adamw_step` / :class:`AdamState` -- the one-pass CPU AdamW kernel and its states.
+* :func:`plan` -- predicted device and host memory per strategy, and what fits.
+"""
+from thruput.memory.adam import STATE_DTYPES, AdamState, adamw_step, kernel_available
+from thruput.memory.offload import OffloadAdamW
+from thruput.memory.plan import MemoryPlan, StrategyEstimate, parse_bytes, plan, render_plan
+
+__all__ = ["STATE_DTYPES", "AdamState", "MemoryPlan", "OffloadAdamW", "StrategyEstimate", "adamw_step",
+           "kernel_available", "parse_bytes", "plan", "render_plan"]

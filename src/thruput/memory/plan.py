@@ -1,0 +1,264 @@
+"""Memory planner: predicted device and host bytes per training strategy, and what fits.
+
+All figures are bytes. Notation: ``P`` parameters in the model, ``T`` of them trainable,
+``p`` bytes per element of the training dtype (2 for bf16/fp16, 4 for fp32), ``S`` bytes of
+Adam state per trainable parameter (fp32 states: 8; bf16: 4; int8: 2 plus two fp32 scales per
+block), ``W`` data-parallel ranks, ``B`` the offload gradient bucket size.
+
+Model states, per device (the no-offload rows are torch AdamW, fp32 states):
+
+* ``none``: ``P*p`` params + ``T*p`` grads + ``T*4`` fp32 master (only when ``p != 4``) +
+  ``T*8`` states: 16 bytes/param in bf16 (2 + 2 + 4 + 8) and in fp32 (4 + 4 + 8).
+* ``offload`` (:class:`~thruput.memory.OffloadAdamW`): ``P*p`` params + ``min(T*p, B)``
+  gradients in flight (each gradient leaves the device as soon as it is accumulated).
+  Host: ``T * (4 + S + 4)`` (fp32 master, states, fp32 gradient accumulator) + ``T*p`` pinned
+  gradient staging (CUDA only) + ``T*p`` updated-parameter staging (only when ``p != 4``):
+  16 bytes/param on CPU with fp32 states, 20 in bf16 on CUDA, 16 with bf16 states.
+* ``offload+zero2`` (:class:`~thruput.memory.Zero2OffloadAdamW`): device ``P*p`` params +
+  ``T*p`` flat gradient buckets (``thruput.comm.GradientBuckets`` keeps every bucket's flat
+  buffer until ``finish()``) + ``T*p / W`` reduced shards + ``B`` all-gather buffer. Host per
+  rank: the offload host bytes divided by ``W``.
+
+Activations, per device, for ``b`` sequences of ``s`` tokens, width ``d``, ``L`` layers:
+``b*s*d*L * k`` with ``k = 17*p`` (34 bytes per token per layer per unit width in 16-bit:
+Korthikanti et al. 2022, without the attention-score term that fused SDPA never stores).
+With activation checkpointing only each layer's input is kept and one layer is recomputed at a
+time: ``b*s*d*L*p + b*s*d*k``. Logits are not counted (use a fused cross-entropy).
+
+Host memory is per machine: the per-rank host bytes times ``min(W, gpus_per_host)``.
+A strategy fits when its device bytes <= ``device_memory`` and its host bytes <=
+``host_memory``; no headroom is added for the allocator or the framework.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+ACTIVATION_K_PER_BYTE = 17  # k = 17 * p: 34 bytes/token/layer/width at 2-byte activations
+INT8_BLOCK = 256  # elements per int8 state block (one fp32 scale per moment per block)
+
+# Fastest first. Recomputation costs about a third more compute on every step; offload adds a
+# CPU step and PCIe traffic that only hide behind large batches, so checkpointing is preferred
+# over offload, and ZeRO-2 (CPU step on 1/W of the parameters) over plain offload.
+SPEED_ORDER = ("none", "none+ckpt", "offload+zero2", "offload", "offload+zero2+ckpt", "offload+ckpt")
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """Parse ``"7e9"``, ``"24GiB"``, ``"512MB"``, ``"1.5T"`` or a number into an integer.
+
+    K/M/G/T (with or without B) are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; case is
+    ignored. Also used for parameter counts (``"7B"`` would read as 7 GB, so write ``7e9`` or
+    ``7G``). Raises ``ValueError`` for anything else, or a negative value.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ValueError(f"cannot parse {text!r} as a size: expected e.g. 7e9, 24GiB, 512MB, 1.5T")
+        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"size must be a finite number >= 0, got {text!r}")
+    return int(round(value))
+
+
+def state_bytes_per_param(state_dtype: str) -> float:
+    """Adam state bytes per parameter (both moments): fp32 8, bf16 4, int8 2 + 8/INT8_BLOCK."""
+    if state_dtype == "fp32":
+        return 8.0
+    if state_dtype == "bf16":
+        return 4.0
+    if state_dtype == "int8":
+        return 2.0 + 8.0 / INT8_BLOCK
+    raise ValueError(f"state_dtype must be 'fp32', 'bf16' or 'int8', got {state_dtype!r}")
+
+
+@dataclass(frozen=True)
+class StrategyEstimate:
+    """Predicted bytes of one strategy: device per rank, host per machine, with the parts."""
+
+    name: str
+    device_bytes: int
+    host_bytes: int
+    device_parts: dict[str, int]
+    host_parts: dict[str, int]
+    applicable: bool
+    fits: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What :func:`plan` returns: the inputs it used and one estimate per strategy."""
+
+    n_params: int
+    n_trainable: int
+    dtype: str
+    state_dtype: str
+    world_size: int
+    device_memory: int
+    host_memory: int
+    batch_size: int
+    seq_len: int
+    d_model: int
+    n_layers: int
+    strategies: tuple[StrategyEstimate, ...] = field(default_factory=tuple)
+    best: str | None = None
+
+    def __getitem__(self, name: str) -> StrategyEstimate:
+        for s in self.strategies:
+            if s.name == name:
+                return s
+        raise KeyError(f"no strategy {name!r}; have {[s.name for s in self.strategies]}")
+
+
+def infer_shape(n_params: int, d_model: int | None = None, n_layers: int | None = None) -> tuple[int, int]:
+    """(d_model, n_layers) of a GPT with about ``n_params = 12 * L * d**2`` parameters.
+
+    Missing values follow the common aspect ratio ``d = 128 * L`` (Llama-7B: 32 layers, 4096
+    wide); ``d`` is rounded to a multiple of 64.
+    """
+    if d_model is not None and n_layers is not None:
+        return d_model, n_layers
+    if n_layers is None and d_model is not None:
+        return d_model, max(1, round(n_params / (12 * d_model**2)))
+    if n_layers is None:
+        n_layers = max(1, round((n_params / (12 * 128**2)) ** (1 / 3)))
+    d = math.sqrt(max(n_params, 1) / (12 * n_layers))
+    return max(64, 64 * round(d / 64)), n_layers
+
+
+def _model_counts(model: torch.nn.Module) -> tuple[int, int, int | None, int | None]:
+    unique = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in unique.values())
+    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    cfg = getattr(model, "cfg", None)
+    return total, trainable, getattr(cfg, "d_model", None), getattr(cfg, "n_layers", None)
+
+
+def _available_host_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def plan(
+    model_or_params: torch.nn.Module | int,
+    *,
+    device_memory: int,
+    host_memory: int | None = None,
+    world_size: int = 1,
+    dtype: str = "bf16",
+    state_dtype: str = "fp32",
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    d_model: int | None = None,
+    n_layers: int | None = None,
+    device_type: str = "cuda",
+    bucket_mb: float = 32.0,
+    gpus_per_host: int = 8,
+) -> MemoryPlan:
+    """Predict device and host bytes of each strategy (formulas in the module docstring).
+
+    ``model_or_params``: a module (its unique parameters are counted, frozen ones get no
+    gradient or optimizer state; ``d_model``/``n_layers`` are read from ``model.cfg`` when
+    present) or a parameter count. ``host_memory=None`` means this machine's total RAM.
+    ``device_type="cpu"`` drops the pinned gradient staging that only CUDA needs. The result's
+    ``best`` is the first strategy of ``SPEED_ORDER`` that fits, or None.
+
+    Raises ``ValueError`` for a non-positive size or count, an unknown dtype or state dtype.
+    """
+    if isinstance(model_or_params, torch.nn.Module):
+        n_params, n_trainable, cfg_d, cfg_l = _model_counts(model_or_params)
+        d_model = d_model if d_model is not None else cfg_d
+        n_layers = n_layers if n_layers is not None else cfg_l
+    else:
+        n_params = n_trainable = int(model_or_params)
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    checks = {"parameter count": n_params, "device_memory": device_memory, "world_size": world_size,
+              "batch_size": batch_size, "seq_len": seq_len, "bucket_mb": bucket_mb,
+              "gpus_per_host": gpus_per_host}
+    checks.update({k: v for k, v in (("d_model", d_model), ("n_layers", n_layers)) if v is not None})
+    for key, value in checks.items():
+        if not value > 0:
+            raise ValueError(f"{key} must be positive, got {value}")
+    if device_type not in ("cuda", "cpu"):
+        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+    host_memory = _available_host_memory() if host_memory is None else host_memory
+    if not host_memory > 0:
+        raise ValueError(f"host_memory must be positive, got {host_memory}")
+    d_model, n_layers = infer_shape(n_params, d_model, n_layers)
+
+    P, T, W, p = n_params, n_trainable, world_size, DTYPE_BYTES[dtype]
+    S = state_bytes_per_param(state_dtype)
+    bucket = int(bucket_mb * 2**20)
+    tokens_width = batch_size * seq_len * d_model
+    layer_acts = tokens_width * ACTIVATION_K_PER_BYTE * p
+    acts = {False: layer_acts * n_layers, True: tokens_width * n_layers * p + layer_acts}
+    offload_host = {"master": T * 4, "states": int(T * S), "grad_fp32": T * 4,
+                    "grad_staging": T * p if device_type == "cuda" else 0,
+                    "param_staging": T * p if p != 4 else 0}
+    ranks_per_host = min(W, gpus_per_host)
+
+    def states_parts(kind: str) -> tuple[dict[str, int], dict[str, int]]:
+        if kind == "none":
+            return ({"params": P * p, "grads": T * p, "master": T * 4 if p != 4 else 0, "states": T * 8}, {})
+        if kind == "offload":
+            return {"params": P * p, "grads_in_flight": min(T * p, bucket)}, offload_host
+        return ({"params": P * p, "grad_buckets": T * p, "grad_shards": -(-T * p // W),
+                 "all_gather": min(T * p, bucket)},
+                {k: -(-v // W) for k, v in offload_host.items()})
+
+    estimates = []
+    for name in ("none", "none+ckpt", "offload", "offload+ckpt", "offload+zero2", "offload+zero2+ckpt"):
+        kind, ckpt = name.removesuffix("+ckpt"), name.endswith("+ckpt")
+        dev, host = states_parts(kind)
+        dev = {**dev, "activations": acts[ckpt]}
+        host = {k: v * ranks_per_host for k, v in host.items()}
+        device_bytes, host_bytes = sum(dev.values()), sum(host.values())
+        applicable = kind != "offload+zero2" or W > 1
+        fits = applicable and device_bytes <= device_memory and host_bytes <= host_memory
+        note = "" if applicable else "needs world_size > 1"
+        estimates.append(StrategyEstimate(name, device_bytes, host_bytes, dev, host, applicable, fits, note))
+    by_name = {e.name: e for e in estimates}
+    best = next((n for n in SPEED_ORDER if by_name[n].fits), None)
+    return MemoryPlan(P, T, dtype, state_dtype, W, int(device_memory), int(host_memory), batch_size,
+                      seq_len, d_model, n_layers, tuple(estimates), best)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units, e.g. ``"24.0 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def render_plan(result: MemoryPlan):  # -> rich.table.Table (rich imported lazily)
+    """A rich Table: one row per strategy with device/host bytes, bytes per param and fit."""
+    from rich.table import Table
+
+    title = (f"{result.n_params:.3g} params ({result.n_trainable:.3g} trainable), {result.dtype}, "
+             f"{result.state_dtype} Adam states, world {result.world_size}, batch {result.batch_size}x"
+             f"{result.seq_len}, d_model {result.d_model}, {result.n_layers} layers; device "
+             f"{format_bytes(result.device_memory)}, host {format_bytes(result.host_memory)}")
+    table = Table(title=title, caption=f"fastest that fits: {result.best or 'nothing fits'}")
+    table.add_column("strategy", no_wrap=True)
+    for col in ("device", "states B/param", "host", "host B/param", "fits"):
+        table.add_column(col, justify="right")
+    for s in result.strategies:
+        model_states = s.device_bytes - s.device_parts["activations"]
+        fits = "[green]yes[/]" if s.fits else ("[dim]n/a[/]" if not s.applicable else "[red]no[/]")
+        name = f"[bold]{s.name}[/]" if s.name == result.best else s.name
+        table.add_row(name, format_bytes(s.device_bytes), f"{model_states / result.n_params:.2f}",
+                      format_bytes(s.host_bytes), f"{s.host_bytes / result.n_params:.2f}", fits)
+    return table
