@@ -19,10 +19,11 @@ Failures:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -39,33 +40,41 @@ _LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 _POLL_S = 0.5  # how often a waiting batch() checks whether the backend was closed
 
 
-def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, **init_kwargs: Any) -> str:
-    """Start a Ray instance reachable from this machine only; returns its address.
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Ray's single-machine mode: it neither rewrites 127.0.0.1 nor listens on other interfaces.
 
-    Ray resolves 127.0.0.1 to the machine's routable address and listens on every interface;
-    its single-machine mode (the switch it uses on macOS and Windows) binds everything to
-    127.0.0.1 instead. The dashboard stays off unless ``dashboard``.
+    Ray resolves 127.0.0.1 to the machine's routable address and listens on every interface
+    unless the switch it uses on macOS and Windows is off; the processes Ray starts inherit it.
     """
     from ray._private import ray_constants
 
     previous_env, previous = os.environ.get(_LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[_LOOPBACK_SWITCH] = "0"  # inherited by the processes Ray starts
+    os.environ[_LOOPBACK_SWITCH] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            log_to_driver=False,
-            **init_kwargs,
-        )
+        yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous
         if previous_env is None:
             os.environ.pop(_LOOPBACK_SWITCH, None)
         else:
             os.environ[_LOOPBACK_SWITCH] = previous_env
+
+
+def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, **init_kwargs: Any) -> str:
+    """Start a Ray instance bound to 127.0.0.1 (the dashboard off unless ``dashboard``); returns its address.
+
+    Other processes on the machine join it with ``connect(address, rank)``.
+    """
+    with _loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False, **init_kwargs)
     return ray.get_runtime_context().gcs_address
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0]
+    return host == "localhost" or host.startswith("127.")
 
 
 def connect(address: str | None, rank: int, wait_s: float = 60.0) -> None:
@@ -73,7 +82,8 @@ def connect(address: str | None, rank: int, wait_s: float = 60.0) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        with _loopback_only() if _is_loopback(address) else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=False)
         return
     if rank == 0:
         start_local_ray()
@@ -81,7 +91,8 @@ def connect(address: str | None, rank: int, wait_s: float = 60.0) -> None:
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            ray.init(address="auto", log_to_driver=False)
+            with _loopback_only():  # rank 0's local instance listens on 127.0.0.1 only
+                ray.init(address="auto", log_to_driver=False)
             return
         except ConnectionError:
             if time.monotonic() > deadline:

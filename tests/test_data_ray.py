@@ -1,0 +1,192 @@
+"""The Ray backend: parity with the local backend, torchrun ranks, shadow takeover, failures, elastic resume.
+
+All tests share one 127.0.0.1-only Ray instance (the ``ray_address`` fixture); each uses its own
+run id, so its actors live in their own namespace.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from test_data_loader import jsonl_with_bad_lines, make_plan, same, take
+
+from thruput.data import DataError, JsonlSource, Loader, MemorySource, Plan
+
+ray = pytest.importorskip("ray")
+
+TESTS = Path(__file__).parent
+
+
+def ray_opts(address, **kw):
+    return {"address": address, "run_id": uuid.uuid4().hex[:8], "chunk_docs": 4, **kw}
+
+
+def ray_loaders(plan, world_size, opts, state=None):
+    loaders = [Loader(plan, rank=r, world_size=world_size, backend="ray", workers=opts) for r in range(world_size)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    return loaders
+
+
+def take_together(loaders, n):
+    """``n`` batches per rank, ranks interleaved as they are in training."""
+    out = [[] for _ in loaders]
+    for _ in range(n):
+        for r, loader in enumerate(loaders):
+            out[r].append(next(loader))
+    return out
+
+
+def reference(plan, world_size, n, state=None):
+    out = []
+    for r in range(world_size):
+        with Loader(plan, rank=r, world_size=world_size, backend="inline") as loader:
+            if state is not None:
+                loader.load_state_dict(state)
+            out.append(take(loader, n))
+    return out
+
+
+def close_all(loaders):
+    for loader in loaders:
+        loader.close()
+
+
+def test_two_ranks_match_the_local_backend_batch_for_batch(ray_address):
+    plan = make_plan(world_size=2)
+    expected = reference(plan, 2, 8)
+    loaders = ray_loaders(plan, 2, ray_opts(ray_address))
+    try:
+        got = take_together(loaders, 8)
+        stats = loaders[0].stats()
+        states = [loader.state_dict() for loader in loaders]
+    finally:
+        close_all(loaders)
+    assert all(same(a, b) for r in range(2) for a, b in zip(got[r], expected[r]))
+    assert states[0] == states[1]
+    assert stats["backend"] == "ray" and stats["workers"] == {"a": 1, "b": 1, "c": 1} and stats["shadows"] == 1
+    assert stats["namespace"].startswith("thruput-")
+
+
+def test_auto_backend_choice():
+    plan = make_plan(world_size=2)
+    assert type(Loader(plan, rank=0, world_size=1).backend).__name__ == "ProcessBackend"
+    assert type(Loader(plan, rank=0).backend).__name__ == "RayBackend"  # plan.world_size == 2
+    assert type(Loader(plan, rank=0, world_size=1, workers={"address": "auto"}).backend).__name__ == "RayBackend"
+    assert type(Loader(make_plan(backend="inline"), rank=1).backend).__name__ == "InlineBackend"
+    with pytest.raises(DataError, match="plan: backend must be one of"):
+        make_plan(backend="threads")
+
+
+def test_torchrun_two_ranks_deliver_the_local_global_sample_set(ray_address, tmp_path):
+    run_id = uuid.uuid4().hex[:8]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "_ray_rank.py"), ray_address, run_id, "6", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=TESTS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["backend"] == "ray" and r["same_state"] for r in ranks)
+    expected = reference(make_plan(world_size=2), 2, 6)
+    for r in range(2):
+        assert ranks[r]["documents"] == [[list(d) for d in b["documents"]] for b in expected[r]]
+
+
+def test_killed_source_loader_is_replaced_by_its_shadow_without_gap_or_repeat(ray_address):
+    plan = make_plan(world_size=2)
+    expected = reference(plan, 2, 12)
+    loaders = ray_loaders(plan, 2, ray_opts(ray_address, chunk_docs=2, prefetch_chunks=1, ahead=1))
+    try:
+        head = take_together(loaders, 3)
+        before = loaders[0].backend.pids()
+        victim = before["loaders"]["a"][0]
+        os.kill(victim, signal.SIGKILL)
+        tail = take_together(loaders, 9)
+        after = loaders[0].backend.pids()
+        stats = loaders[0].stats()
+    finally:
+        close_all(loaders)
+    got = [head[r] + tail[r] for r in range(2)]
+    assert all(same(a, b) for r in range(2) for a, b in zip(got[r], expected[r]))  # same sample ids, in order
+    assert after["loaders"]["a"] == before["shadows"]  # the warm shadow took over source a
+    assert stats["takeovers"] == {"a": 1, "b": 0, "c": 0} and stats["loader_failures"]["a"] == 1
+    assert stats["shadows"] == 1  # a new shadow was started
+
+
+def test_source_that_keeps_crashing_stops_the_run_with_a_clear_error(ray_address):
+    # Record 5 kills whichever process reads it, as a native crash would (a lambda: Ray's workers
+    # cannot import this test module, and cloudpickle sends lambdas by value).
+    bad = MemorySource("bad", [[i] for i in range(12)], transform=lambda r: os._exit(3) if r == [5] else r)
+    plan = Plan([bad, MemorySource("ok", [[1, 2, 3]] * 12)], seq_len=4, tokens_per_batch=8, seed=1)
+    with Loader(plan, world_size=1, backend="ray", workers=ray_opts(ray_address, chunk_docs=2, max_failures=1)) as loader:
+        with pytest.raises(DataError, match=r"source 'bad': its loader actors died 2 times \(max_failures=1\)"):
+            take(loader, 40)
+
+
+def test_source_error_names_file_and_line(ray_address, tmp_path):
+    p = jsonl_with_bad_lines(tmp_path)
+    plan = Plan([JsonlSource("web", p, cache_dir=tmp_path)], seq_len=16, tokens_per_batch=64)
+    with Loader(plan, world_size=1, backend="ray", workers=ray_opts(ray_address)) as loader:
+        with pytest.raises(DataError, match=rf"^source 'web': file '{p}' line (4|12): malformed JSON"):
+            take(loader, 40)
+
+
+def test_planner_death_resumes_from_the_last_checkpoint(ray_address, caplog):
+    plan = make_plan(world_size=1)
+    expected = reference(plan, 1, 9)[0]
+    opts = ray_opts(ray_address)
+    caplog.set_level(logging.WARNING, logger="thruput.data.ray_backend")
+    with Loader(plan, world_size=1, backend="ray", workers=opts, prefetch=1) as loader:
+        head = take(loader, 3)
+        ray.kill(ray.get_actor("planner", namespace=f"thruput-{opts['run_id']}"))
+        tail = take(loader, 6)
+        assert loader.stats()["recoveries"] == 1
+    assert all(same(a, b) for a, b in zip(head + tail, expected))
+    assert "the data planner died at step" in caplog.text and "resumes from its last checkpoint" in caplog.text
+
+
+def covered(per_rank):
+    """Token positions delivered per (step, source, epoch, record), over all ranks."""
+    cov = defaultdict(list)
+    for batches in per_rank:
+        for b in batches:
+            for name, epoch, record, off, n in b["documents"]:
+                cov[(b["step"], name, epoch, record)].extend(range(off, off + n))
+    return {k: sorted(v) for k, v in cov.items()}
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_elastic_resume_rebalances_without_loss_or_duplicates(ray_address, backend, before, after):
+    plan = make_plan(world_size=2)
+
+    def run(world_size, n, state=None):
+        if backend == "ray":
+            loaders = ray_loaders(plan, world_size, ray_opts(ray_address), state)
+        else:
+            loaders = [Loader(plan, rank=r, world_size=world_size, backend="process") for r in range(world_size)]
+            for loader in loaders:
+                if state is not None:
+                    loader.load_state_dict(state)
+        try:
+            return take_together(loaders, n), loaders[0].state_dict()
+        finally:
+            close_all(loaders)
+
+    head, state = run(before, 4)
+    tail, _ = run(after, 5, state)
+    uninterrupted = reference(plan, before, 9)
+    assert covered(head) == covered([b[:4] for b in uninterrupted])
+    got, want = covered(tail), covered([b[4:] for b in uninterrupted])
+    assert got == want  # every token of steps 4..8 exactly once (no duplicate positions), none missing
+    assert all(len(v) == len(set(v)) for v in got.values())
+    assert all(b["input_ids"].shape == (8 // after, 32) for b in tail[0])
