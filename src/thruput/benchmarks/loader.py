@@ -8,8 +8,12 @@ packs rows and autoscales its per-source workers within the same process budget.
 
 The compute time per token is chosen so that a well-fed consumer is compute-bound: the
 mixture's measured preprocessing CPU time per token, divided by the CPUs the workers can use,
-times ``--headroom`` (default 2: the workers need half the CPUs to keep up). Each peer runs in a
-fresh process; a sampler in this process records the peak summed PSS of it and its children.
+times ``--headroom``. The default 3 means the workers need a third of the CPUs to keep up a
+packed stream: room for the loader's own process and for other load on a shared machine; with
+less headroom the benchmark drifts toward measuring how the peers share out a CPU shortage.
+Each peer runs in a fresh process, measured after ``--warmup`` batches (worker start-up and
+autoscaling; ``startup_s`` reports the time to the first batch); a sampler in this process records
+the peak summed PSS of it and its children.
 """
 from __future__ import annotations
 
@@ -41,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=16, help="rows per batch")
     parser.add_argument("--docs", type=int, default=3000, help="documents per source")
     parser.add_argument("--unit-rounds", type=int, default=128, help="case-folding passes of the 1x source")
-    parser.add_argument("--headroom", type=float, default=2.0, help="worker CPU capacity over consumer demand")
+    parser.add_argument("--headroom", type=float, default=3.0, help="worker CPU capacity over consumer demand")
+    parser.add_argument("--warmup", type=int, default=10, help="batches consumed before measuring")
     parser.add_argument("--compute-us-per-token", type=float, default=None, help="override the chosen compute time")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -116,7 +121,7 @@ def _figures(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    seconds, docs, warmup = (3.0, 400, 3) if args.quick else (args.seconds, args.docs, 5)
+    seconds, docs, warmup = (3.0, 400, 3) if args.quick else (args.seconds, args.docs, max(args.warmup, 1))
     if args.workers < len(SOURCES):
         raise SystemExit(f"bench loader: --workers must be >= {len(SOURCES)} (one per source), got {args.workers}")
     weights = [1.0 / len(SOURCES)] * len(SOURCES)
@@ -160,7 +165,8 @@ def _print(results: dict[str, dict[str, Any]], speedup: float, workload: dict[st
     table = Table(title=(f"loader: {workload['rows_per_batch']}x{workload['seq_len']} tokens/batch, "
                          f"{workload['worker_processes']} workers, "
                          f"{workload['compute_s_per_token'] * 1e6:.2f} us compute/token"))
-    for col in ("peer", "useful tok/s", "stall", "padding", "peak MiB", "batches", "startup s"):
+    table.add_column("peer", no_wrap=True)
+    for col in ("useful tok/s", "stall", "padding", "peak MiB", "batches", "startup s"):
         table.add_column(col, justify="right")
     for peer, r in results.items():
         table.add_row(peer, f"{r['useful_tokens_per_s']:,.0f}", f"{r['stall_fraction']:.3f}",
@@ -168,4 +174,8 @@ def _print(results: dict[str, dict[str, Any]], speedup: float, workload: dict[st
                       str(r["batches"]), f"{r['startup_s']:.1f}")
     console = Console()
     console.print(table)
+    costs = ", ".join(f"{n} {v['preprocess_cpu_s_per_token'] * 1e6:.2f}" for n, v in workload["sources"].items())
+    console.print(f"preprocessing CPU us/token: {costs}; thruput workers: {results['thruput'].get('workers_per_source')}")
+    console.print(f"load average before/after: {workload['load_average_before'][0]:.1f} / "
+                  f"{workload['load_average_after'][0]:.1f} on {os.cpu_count()} CPUs")
     console.print(f"speedup_vs_torch (useful tokens/s): {speedup:.2f}x  (goal >= {GOALS['speedup_min']})")
