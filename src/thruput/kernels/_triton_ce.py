@@ -73,8 +73,12 @@ def ce_rows_triton(
     ignore_index: int,
     smoothing: float,
     z_loss: float,
+    work: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch one program per row; the gradient (if ``scale``) overwrites ``logits``."""
+    """Launch one program per row; the gradient (if ``scale``) overwrites ``logits``.
+
+    ``work`` is accepted for the shared contract and unused: the kernel needs no scratch.
+    """
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("the Triton cross-entropy kernel needs logits rows contiguous in memory")
