@@ -1,46 +1,242 @@
-"""thruput.memory.adam: parity with torch.optim.AdamW, C++ vs torch agreement, low-precision states."""
+"""thruput.memory.adam: parity with torch.optim.AdamW, C++ == torch fallback bit for bit, low-precision states.
+
+The first test that needs the C++ kernel builds it (about a minute, once; cached in the torch
+extensions directory afterwards).
+"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from thruput.memory.adam import STATE_DTYPES, AdamState, adamw_step
+from thruput.memory import adam
+from thruput.memory.adam import STATE_DTYPES, AdamState, adamw_step, kernel_available
 
 HP = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+IMPLS = ("cpp", "torch")
 
 
-def _torch_adamw_run(p0: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+@pytest.fixture(scope="module")
+def cpp() -> None:
+    if not kernel_available():
+        pytest.fail(f"C++ kernel did not build: {adam.kernel_build_error()}")
+
+
+def _impl_fixture(impl: str, request: pytest.FixtureRequest) -> None:
+    if impl == "cpp":
+        request.getfixturevalue("cpp")
+
+
+def _run(impl: str, n: int, state_dtype: str, steps: int, grad_dtype=torch.float32, out_dtype=None,
+         grad_scale: float = 1.0):
+    gen = torch.Generator().manual_seed(1)
+    master = torch.randn(n, generator=gen)
+    state = AdamState.create(n, state_dtype)
+    out = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
+    for t in range(1, steps + 1):
+        g = (torch.randn(n, generator=gen) * 0.1).to(grad_dtype)
+        adamw_step(master, g, state, out, step=t, impl=impl, grad_scale=grad_scale, **HP)
+    return master, state, out
+
+
+def _torch_adamw_steps(p0: torch.Tensor, grads: list[torch.Tensor], **kwargs):
     p = torch.nn.Parameter(p0.clone())
     opt = torch.optim.AdamW([p], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
-                            weight_decay=HP["weight_decay"], foreach=False)
-    out = []
+                            weight_decay=HP["weight_decay"], **kwargs)
     for g in grads:
         p.grad = g.clone()
         opt.step()
-        out.append(p.detach().clone())
-    return out
+        yield p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"]
 
 
-@pytest.mark.parametrize("impl", ["torch"])
-def test_fp32_matches_torch_adamw_over_100_steps(impl: str) -> None:
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fp32_matches_torch_adamw_for_100_steps(impl: str, request: pytest.FixtureRequest) -> None:
+    """Parameters and exp_avg bit for bit against AdamW(fused=True) (correctly rounded, like ours;
+    its exp_avg_sq differs by an ulp in a few elements); within 1e-6 relative of the default
+    single-tensor AdamW, whose vectorised sqrt is sometimes an ulp off."""
+    _impl_fixture(impl, request)
     gen = torch.Generator().manual_seed(0)
-    n = 1000
+    n = 4099
     p0 = torch.randn(n, generator=gen)
     grads = [torch.randn(n, generator=gen) * 0.1 for _ in range(100)]
-    ref = _torch_adamw_run(p0, grads)
     master, state = p0.clone(), AdamState.create(n, "fp32")
+    fused, default = _torch_adamw_steps(p0, grads, fused=True), _torch_adamw_steps(p0, grads)
     for t, g in enumerate(grads, start=1):
         adamw_step(master, g, state, step=t, impl=impl, **HP)
-        rel = ((master - ref[t - 1]).abs() / ref[t - 1].abs().clamp_min(1e-12)).max().item()
-        assert rel <= 1e-6, (t, rel)
+        p_f, m_f, v_f = next(fused)
+        assert torch.equal(master, p_f) and torch.equal(state.exp_avg, m_f)
+        torch.testing.assert_close(state.exp_avg_sq, v_f, rtol=1e-6, atol=0)
+        p_d, m_d, v_d = next(default)
+        # atol 1e-9 (1e-6 of lr) covers the few parameters that cross zero, where relative error is unbounded.
+        torch.testing.assert_close(master, p_d, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(state.exp_avg, m_d, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(state.exp_avg_sq, v_d, rtol=1e-6, atol=1e-15)
 
 
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
-def test_state_dict_round_trip(state_dtype: str) -> None:
-    n = 700
+def test_cpp_and_torch_fallback_agree_bit_for_bit(cpp: None, state_dtype: str) -> None:
+    n = 3 * adam.BLOCK + 17  # a ragged last block
+    for grad_dtype in DTYPES:
+        for out_dtype in (None, *DTYPES):
+            a = _run("cpp", n, state_dtype, 4, grad_dtype, out_dtype, grad_scale=3.0)
+            b = _run("torch", n, state_dtype, 4, grad_dtype, out_dtype, grad_scale=3.0)
+            assert torch.equal(a[0], b[0]), (grad_dtype, out_dtype)
+            for x, y in zip(a[1].state_dict().values(), b[1].state_dict().values()):
+                assert (x == y) if not isinstance(x, torch.Tensor) else torch.equal(x, y)
+            if out_dtype is not None:
+                assert torch.equal(a[2], b[2])
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_param_out_is_master_rounded_to_nearest(cpp: None, out_dtype: torch.dtype) -> None:
+    master, _, out = _run("cpp", 5000, "fp32", 2, torch.bfloat16, out_dtype)
+    assert torch.equal(out, master.to(out_dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_scale_divides_the_gradient(impl: str, request: pytest.FixtureRequest) -> None:
+    _impl_fixture(impl, request)
+    n = 1000
+    g = torch.randn(n)
+    runs = []
+    for grad, scale in ((g, 1.0), (g * 1024.0, 1024.0)):  # a power of two keeps g exact
+        master, state = torch.ones(n), AdamState.create(n, "fp32")
+        adamw_step(master, grad, state, step=1, impl=impl, grad_scale=scale, **HP)
+        runs.append((master, state.exp_avg, state.exp_avg_sq))
+    for x, y in zip(*runs):
+        assert torch.equal(x, y)
+
+
+def test_results_do_not_depend_on_thread_count(cpp: None) -> None:
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(_run("cpp", 70_001, "int8", 2, torch.bfloat16))
+    finally:
+        torch.set_num_threads(before)
+    (m1, s1, _), (m2, s2, _) = results
+    assert torch.equal(m1, m2)
+    assert all(torch.equal(x, y) for x, y in zip(s1.to_fp32(), s2.to_fp32()))
+
+
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+def test_resuming_from_state_dict_is_bitwise(state_dtype: str) -> None:
+    n = 600
+    full_master, full_state, _ = _run("torch", n, state_dtype, 6)
+    gen = torch.Generator().manual_seed(1)
+    master = torch.randn(n, generator=gen)
     state = AdamState.create(n, state_dtype)
-    master = torch.randn(n)
-    adamw_step(master, torch.randn(n), state, step=1, impl="torch", **HP)
-    back = AdamState.from_state_dict(state.state_dict())
-    for a, b in zip(state.to_fp32(), back.to_fp32()):
-        assert torch.equal(a, b)
+    for t in range(1, 7):
+        g = torch.randn(n, generator=gen) * 0.1
+        if t == 4:  # checkpoint and restore through plain data
+            sd = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.state_dict().items()}
+            state = AdamState.from_state_dict(sd)
+        adamw_step(master, g, state, step=t, impl="torch", **HP)
+    assert torch.equal(master, full_master)
+    assert all(torch.equal(x, y) for x, y in zip(state.to_fp32(), full_state.to_fp32()))
+
+
+def test_from_fp32_round_trip() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(1000, generator=gen) * 1e-3
+    v = torch.rand(1000, generator=gen) * 1e-6
+    fp32 = AdamState.from_fp32(m, v, "fp32").to_fp32()
+    assert torch.equal(fp32[0], m) and torch.equal(fp32[1], v)
+    bf16 = AdamState.from_fp32(m, v, "bf16").to_fp32()
+    assert torch.equal(bf16[0], m.bfloat16().float()) and torch.equal(bf16[1], v.bfloat16().float())
+    q = AdamState.from_fp32(m, v, "int8")
+    assert q.nbytes() == 2 * 1000 + 2 * 4 * 4
+    dm, dv = q.to_fp32()
+    # Square-law codes s * q**2 are s * (2q + 1) apart; nearest rounding is off by half of that.
+    s = adam._blocks(m).abs().amax(1).repeat_interleave(adam.BLOCK)[:1000] / 127**2
+    assert ((dm - m).abs() <= (s * m.abs()).sqrt() + s).all()
+    assert ((dv - v).abs() / v).median() < 0.02
+    assert (dv[v > 0] > 0).all()
+
+
+def test_bf16_stochastic_rounding_is_unbiased() -> None:
+    x = torch.full((1 << 16,), 1.0 + 2.0 ** -10)  # a quarter of the way between two bf16 values
+    r = adam._hash32(torch.arange(x.numel()), seed=12345)
+    y = adam._round_bf16_stochastic(x, r & 0xFFFF).float()
+    assert set(y.unique().tolist()) == {1.0, 1.0 + 2.0 ** -7}
+    assert abs(y.mean().item() - x[0].item()) < 2e-5
+
+
+def _train_tiny_mlp(state_dtype: str, steps: int = 500) -> float:
+    """Minibatch regression with a 16-32-1 MLP whose flat fp32 master is stepped by adamw_step;
+    returns the final full-data loss (it starts at 1.78)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 16, generator=gen)
+    y = torch.sin(x @ torch.randn(16, 1, generator=gen)) + 0.05 * torch.randn(512, 1, generator=gen)
+    shapes = [(16, 32), (32,), (32, 1), (1,)]
+    sizes = [torch.Size(s).numel() for s in shapes]
+    master = torch.cat([torch.randn(n, generator=gen) * 0.3 for n in sizes])
+    state = AdamState.create(master.numel(), state_dtype)
+
+    def loss_of(flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = (t.view(s) for t, s in zip(flat.split(sizes), shapes))
+        return torch.nn.functional.mse_loss(torch.tanh(x[idx] @ w1 + b1) @ w2 + b2, y[idx])
+
+    for t in range(1, steps + 1):
+        flat = master.clone().requires_grad_()
+        loss_of(flat, torch.randint(0, 512, (128,), generator=gen)).backward()
+        adamw_step(master, flat.grad.bfloat16(), state, step=t, impl="auto", **{**HP, "lr": 1e-2})
+    with torch.no_grad():
+        return loss_of(master, torch.arange(512)).item()
+
+
+def test_low_precision_states_converge_like_fp32(cpp: None) -> None:
+    ref = _train_tiny_mlp("fp32")
+    assert ref < 0.05  # it learned
+    for state_dtype in ("bf16", "int8"):  # no worse than 2% above fp32 (being lower is noise, not a fault)
+        assert _train_tiny_mlp(state_dtype) <= 1.02 * ref, state_dtype
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(master=torch.zeros(8, dtype=torch.float64)), "master dtype"),
+    (dict(grad=torch.zeros(8, dtype=torch.int32)), "grad dtype"),
+    (dict(grad=torch.zeros(9)), "grad has 9 elements"),
+    (dict(grad=torch.zeros(16)[::2]), "grad must be 1-D and contiguous"),
+    (dict(master=torch.zeros(2, 4)), "master must be 1-D"),
+    (dict(param_out=torch.zeros(7, dtype=torch.bfloat16)), "param_out has 7"),
+    (dict(state=AdamState.create(9)), "state holds 9 elements"),
+    (dict(step=0), "step must be a 1-based int"),
+    (dict(impl="cuda"), "impl must be"),
+    (dict(grad_scale=0.0), "grad_scale must be finite"),
+    (dict(beta2=1.0), "beta2 must be in"),
+])
+def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
+    args = dict(master=torch.zeros(8), grad=torch.zeros(8), state=AdamState.create(8), param_out=None,
+                step=1, impl="torch", **HP)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        adamw_step(**args)
+
+
+def test_unknown_state_dtype_and_bad_state_dict() -> None:
+    with pytest.raises(ValueError, match="unknown state_dtype 'fp8'"):
+        AdamState.create(8, "fp8")
+    sd = AdamState.create(8, "bf16").state_dict()
+    del sd["exp_avg_sq"]
+    with pytest.raises(ValueError, match="missing key 'exp_avg_sq'"):
+        AdamState.from_state_dict(sd)
+    sd = AdamState.create(8, "int8").state_dict()
+    sd["exp_avg"] = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="torch.int8"):
+        AdamState.from_state_dict(sd)
+
+
+def test_missing_compiler_is_an_error_for_cpp_and_a_warning_for_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(adam, "_tried", True)
+    monkeypatch.setattr(adam, "_ext", None)
+    monkeypatch.setattr(adam, "_build_error", "CalledProcessError: c++ not found")
+    monkeypatch.setattr(adam, "_warned", False)
+    args = dict(step=1, **HP)
+    with pytest.raises(RuntimeError, match="c\\+\\+ not found"):
+        adamw_step(torch.zeros(8), torch.ones(8), AdamState.create(8), impl="cpp", **args)
+    master = torch.zeros(8)
+    with pytest.warns(RuntimeWarning, match="pure-torch fallback"):
+        adamw_step(master, torch.ones(8), AdamState.create(8), impl="auto", **args)
+    assert torch.allclose(master, torch.full((8,), -HP["lr"]), rtol=1e-5)

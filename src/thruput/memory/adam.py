@@ -10,9 +10,10 @@ the parameter, all in one pass. Two implementations compute the same thing:
 
 Both do the fp32 arithmetic of torch.optim.AdamW's single-tensor step operation by operation
 (its lerp and addcmul are fused multiply-adds; the C++ is built with ``-ffp-contract=off`` and
-calls ``fma`` exactly there), so fp32 states match torch bit for bit, and the two
-implementations agree bit for bit, including stochastic-rounding decisions, which come from a
-counter-based hash of (step, element index).
+calls ``fma`` exactly there), with every operation correctly rounded. The two implementations
+therefore agree bit for bit, including stochastic-rounding decisions, which come from a
+counter-based hash of (step, element index). torch.optim.AdamW itself differs from them by an
+ulp here and there, because its vectorised fp32 sqrt is not correctly rounded on every CPU.
 
 State formats (``AdamState``):
 
@@ -112,7 +113,7 @@ class AdamState:
             return cls("bf16", m.numel(), m.to(torch.bfloat16), v.to(torch.bfloat16))
         half = torch.full((m.numel(),), 1 << 15, dtype=torch.int64)  # r = 0.5: round to nearest
         qm, sm = _encode_m(m, half)
-        qv, sv = _encode_v(v.sqrt(), half)
+        qv, sv = _encode_v(_sqrt(v), half)
         return cls("int8", m.numel(), qm, qv, sm, sv)
 
     def state_dict(self) -> dict[str, Tensor | str | int]:
@@ -271,8 +272,8 @@ def _check_flat(name: str, t: Tensor, dtypes: tuple[torch.dtype, ...], numel: in
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure-torch fallback: the same fp32 operations (and fused multiply-adds) as torch.optim.AdamW's
-# single-tensor path, which the C++ repeats in the same order.
+# Pure-torch fallback: the fp32 operations (and fused multiply-adds) of torch.optim.AdamW's
+# single-tensor path, each one correctly rounded, which the C++ repeats in the same order.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -284,8 +285,9 @@ def _torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tenso
     master.mul_(h.decay)
     m.lerp_(g, h.one_minus_beta1)  # fma(w, g - m, m), as torch.optim.AdamW does
     v.mul_(h.beta2).addcmul_(g, g, value=h.one_minus_beta2)  # fma(c * g, g, v * beta2)
-    denom = v.sqrt() / h.bc2_sqrt + h.eps
-    master.addcdiv_(m, denom, value=-h.step_size)
+    u = _sqrt(v)
+    denom = u / h.bc2_sqrt + h.eps
+    master.add_((m * -h.step_size) / denom)
     if param_out is not None:
         param_out.copy_(master)
     if state.state_dtype == "fp32":
@@ -299,11 +301,16 @@ def _torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tenso
         state.exp_avg_sq.copy_(_round_bf16_stochastic(v, r_v))
         return
     qm, sm = _encode_m(m, r_m)
-    qv, sv = _encode_v(v.sqrt(), r_v)
+    qv, sv = _encode_v(u, r_v)
     state.exp_avg.copy_(qm)
     state.exp_avg_scale.copy_(sm)
     state.exp_avg_sq.copy_(qv)
     state.exp_avg_sq_scale.copy_(sv)
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    """Correctly rounded fp32 sqrt (torch's vectorised fp32 sqrt is not, on some CPUs)."""
+    return x.double().sqrt_().float()
 
 
 def _fmix32(x: int) -> int:
@@ -346,35 +353,34 @@ def _blocks(x: Tensor) -> Tensor:
 
 
 def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
-    """Code q in [0, levels] with q**2 ~= y (y in units of the block scale), unbiased in value."""
-    t = torch.clamp(torch.floor(y.sqrt()), max=levels - 1)
-    frac = (y - t * t) / (t * 2.0 + 1.0)
+    """Code q in [0, levels] with q**2 ~= y (y in units of the block scale), unbiased in value:
+    t = floor(sqrt(y)) rounds up to t + 1 with probability (y - t**2) / (2t + 1)."""
+    t = torch.clamp(torch.floor(_sqrt(y)), max=levels - 1)
     r = r16.to(torch.float32) * (1.0 / 65536.0)
-    return t + (r < frac).to(torch.float32)
+    return t + (r * (t * 2.0 + 1.0) < y - t * t).to(torch.float32)
+
+
+def _encode_blocks(x: Tensor, r16: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-block scale = max|x| / levels**2 and codes of |x| (zero where the scale is zero)."""
+    xb, rb = _blocks(x).abs(), _blocks(r16)
+    scale = xb.amax(dim=1) / float(levels * levels)
+    inv = 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = _stochastic_sq_code(xb * inv[:, None], rb, levels)
+    return torch.where(scale[:, None] > 0, q, torch.zeros_like(q)), xb, scale
 
 
 def _encode_m(m: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
     """Signed 8-bit codes and per-block scales s with m ~= s * q * |q|."""
-    n = m.numel()
-    mb, rb = _blocks(m), _blocks(r16)
-    scale = mb.abs().amax(dim=1) / float(_M_LEVELS * _M_LEVELS)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = _stochastic_sq_code(mb.abs() / safe[:, None], rb, _M_LEVELS)
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
-    codes = torch.where(mb < 0, -q, q).to(torch.int8).flatten()[:n]
-    return codes, scale
+    q, _, scale = _encode_blocks(m, r16, _M_LEVELS)
+    q = torch.where(_blocks(m) < 0, -q, q)
+    return q.to(torch.int8).flatten()[: m.numel()], scale
 
 
 def _encode_v(u: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
     """Unsigned 8-bit codes and per-block scales s with sqrt(v) = u ~= s * q**2; q >= 1 where u > 0."""
-    n = u.numel()
-    ub, rb = _blocks(u), _blocks(r16)
-    scale = ub.amax(dim=1) / float(_V_LEVELS * _V_LEVELS)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = _stochastic_sq_code(ub / safe[:, None], rb, _V_LEVELS)
-    q = torch.where(scale[:, None] > 0, q, torch.zeros_like(q))
+    q, ub, scale = _encode_blocks(u, r16, _V_LEVELS)
     q = torch.where((ub > 0) & (q == 0), torch.ones_like(q), q)
-    return q.to(torch.uint8).flatten()[:n], scale
+    return q.to(torch.uint8).flatten()[: u.numel()], scale
 
 
 def _decode_m(codes: Tensor, scale: Tensor) -> Tensor:
@@ -433,7 +439,7 @@ def _build():
     return cpp_extension.load(
         name="thruput_cpu_adam",
         sources=[str(_CSRC)],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"],
+        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         verbose=False,
     )

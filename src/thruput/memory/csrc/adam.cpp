@@ -1,0 +1,309 @@
+// One-pass CPU AdamW for flat fp32 masters (thruput.memory.adam).
+//
+// Work is split into 256-element chunks (the 8-bit block size, and small enough that the
+// per-chunk float scratch buffers stay in L1). Each chunk reads every input stream from memory
+// once and writes every output stream once; the dtype conversions around the fp32 core run over
+// the L1 scratch. Inner loops are plain loops over fixed-size arrays that GCC vectorises at
+// -O3 -march=native; at::parallel_for spreads chunks over threads.
+//
+// The arithmetic mirrors torch.optim.AdamW's single-tensor step operation by operation (lerp and
+// addcmul are fused multiply-adds there, so they are std::fma here; everything else is a single
+// IEEE operation and the file is compiled with -ffp-contract=off), and the Python fallback in
+// adam.py does the same operations, so both produce the same bits.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+struct Hyper {
+  float decay, beta1, w1, beta2, c2, neg_step_size, bc2_sqrt, eps, grad_scale;
+  uint32_t seed;
+};
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16; x *= 0x85EBCA6Bu; x ^= x >> 13; x *= 0xC2B2AE35u; return x ^ (x >> 16);
+}
+
+// 32 random bits for element `base + k` (base is a multiple of 256, so the high word is constant
+// across a chunk); identical to _hash32 in adam.py.
+inline void hash_chunk(uint64_t base, int64_t n, uint32_t seed, uint32_t* out) {
+  const uint32_t lo = static_cast<uint32_t>(base);
+  const uint32_t hi_mix = static_cast<uint32_t>(base >> 32) * 0x7FEB352Du ^ seed;
+  for (int64_t k = 0; k < n; ++k) out[k] = fmix32((lo + static_cast<uint32_t>(k)) * 0x9E3779B1u ^ hi_mix);
+}
+
+// ---- dtype conversions over a chunk -------------------------------------------------------
+
+inline void load_bf16(const uint16_t* src, int64_t n, float* dst) {
+  for (int64_t k = 0; k < n; ++k) dst[k] = bits_to_float(static_cast<uint32_t>(src[k]) << 16);
+}
+
+inline void load_half(const at::Half* src, int64_t n, float* dst) {
+  int64_t k = 0;
+#if defined(__F16C__)
+  for (; k + 8 <= n; k += 8)
+    _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<float>(src[k]);
+}
+
+// Round to nearest even, NaN to the canonical quiet NaN: what Tensor.to(torch.bfloat16) does.
+inline void store_bf16(const float* src, int64_t n, uint16_t* dst) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint32_t u = float_to_bits(src[k]);
+    const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    dst[k] = static_cast<uint16_t>(src[k] != src[k] ? 0x7FC0u : r);
+  }
+}
+
+inline void store_half(const float* src, int64_t n, at::Half* dst) {
+  int64_t k = 0;
+#if defined(__F16C__)
+  for (; k + 8 <= n; k += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT));
+#endif
+  for (; k < n; ++k) dst[k] = static_cast<at::Half>(src[k]);
+}
+
+// Magnitude rounded up with probability (dropped 16 bits) / 2**16: unbiased fp32 -> bf16.
+inline void store_bf16_stochastic(const float* src, const uint32_t* rnd, int shift, int64_t n, uint16_t* dst) {
+  for (int64_t k = 0; k < n; ++k)
+    dst[k] = static_cast<uint16_t>((float_to_bits(src[k]) + ((rnd[k] >> shift) & 0xFFFFu)) >> 16);
+}
+
+// Training dtypes of the gradient and the parameter copy.
+enum class Dt { kFp32, kBf16, kFp16 };
+
+inline void load_grad(const void* grad, Dt dt, int64_t i0, int64_t n, float grad_scale, float* g) {
+  switch (dt) {
+    case Dt::kFp32: std::memcpy(g, static_cast<const float*>(grad) + i0, n * sizeof(float)); break;
+    case Dt::kBf16: load_bf16(static_cast<const uint16_t*>(grad) + i0, n, g); break;
+    case Dt::kFp16: load_half(static_cast<const at::Half*>(grad) + i0, n, g); break;
+  }
+  if (grad_scale != 1.0f)
+    for (int64_t k = 0; k < n; ++k) g[k] = g[k] / grad_scale;
+}
+
+inline void store_param(const float* p, void* out, Dt dt, int64_t i0, int64_t n) {
+  switch (dt) {
+    case Dt::kFp32: std::memcpy(static_cast<float*>(out) + i0, p, n * sizeof(float)); break;
+    case Dt::kBf16: store_bf16(p, n, static_cast<uint16_t*>(out) + i0); break;
+    case Dt::kFp16: store_half(p, n, static_cast<at::Half*>(out) + i0); break;
+  }
+}
+
+Dt dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return Dt::kFp32;
+    case at::kBFloat16: return Dt::kBf16;
+    case at::kHalf: return Dt::kFp16;
+    default: TORCH_CHECK(false, "adamw_step: unsupported ", name, " dtype ", t.scalar_type());
+  }
+}
+
+// ---- the fp32 core -----------------------------------------------------------------------
+
+// torch's lerp: fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g).
+inline float lerp(float m, float g, float w) {
+  return w < 0.5f ? std::fma(w, g - m, m) : std::fma(w - 1.0f, g - m, g);
+}
+
+// Updates p, m, v in place over n elements (L1 scratch, or the fp32 state arrays themselves);
+// u receives sqrt(v) when non-null (the 8-bit format keeps v in the sqrt domain).
+inline void adam_core(float* __restrict p, const float* __restrict g, float* __restrict m,
+                            float* __restrict v, float* __restrict u, int64_t n, const Hyper& h) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float gk = g[k];
+    const float mk = lerp(m[k], gk, h.w1);
+    const float vk = std::fma(h.c2 * gk, gk, v[k] * h.beta2);
+    const float sq = std::sqrt(vk);
+    const float denom = sq / h.bc2_sqrt + h.eps;
+    p[k] = p[k] * h.decay + (h.neg_step_size * mk) / denom;  // two roundings, like mul_ then addcdiv_
+    m[k] = mk;
+    v[k] = vk;
+    if (u) u[k] = sq;
+  }
+}
+
+// ---- 8-bit blockwise codes (see the module docstring of adam.py) ---------------------------
+
+// q in [0, levels] with q*q ~= y, rounded up with probability (y - t*t) / (2t + 1). y is finite
+// and >= 0, so truncation is floor (and, unlike floorf, vectorises without -fno-trapping-math).
+inline float sq_code(float y, uint32_t r16, float levels_minus_1) {
+  const float t = std::min(static_cast<float>(static_cast<int32_t>(std::sqrt(y))), levels_minus_1);
+  const float r = static_cast<float>(static_cast<int32_t>(r16)) * (1.0f / 65536.0f);
+  return t + (r * (t * 2.0f + 1.0f) < y - t * t ? 1.0f : 0.0f);
+}
+
+// max(|x|) with 16 independent lanes: a float max reduction is only vectorised in that shape
+// (the order does not matter: max is exact).
+inline float absmax(const float* x, int64_t n) {
+  float acc[16] = {0.0f};
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16)
+    for (int l = 0; l < 16; ++l) acc[l] = std::max(acc[l], std::fabs(x[k + l]));
+  for (; k < n; ++k) acc[0] = std::max(acc[0], std::fabs(x[k]));
+  float a = 0.0f;
+  for (int l = 0; l < 16; ++l) a = std::max(a, acc[l]);
+  return a;
+}
+
+void encode_m(const float* __restrict m, const uint32_t* __restrict rnd, int64_t n, int8_t* __restrict codes,
+              float* scale_out) {
+  const float a = absmax(m, n);
+  const float scale = a / 16129.0f;
+  *scale_out = scale;
+  if (!(scale > 0.0f)) { std::memset(codes, 0, n); return; }
+  const float inv = 1.0f / scale;
+  for (int64_t k = 0; k < n; ++k) {
+    const float q = sq_code(std::fabs(m[k]) * inv, rnd[k] & 0xFFFFu, 126.0f);
+    codes[k] = static_cast<int8_t>(static_cast<int32_t>(m[k] < 0.0f ? -q : q));
+  }
+}
+
+void encode_v(const float* __restrict u, const uint32_t* __restrict rnd, int64_t n, uint8_t* __restrict codes,
+              float* scale_out) {
+  const float scale = absmax(u, n) / 65025.0f;
+  *scale_out = scale;
+  if (!(scale > 0.0f)) { std::memset(codes, 0, n); return; }
+  const float inv = 1.0f / scale;
+  for (int64_t k = 0; k < n; ++k) {
+    const float q = std::max(sq_code(u[k] * inv, rnd[k] >> 16, 254.0f), u[k] > 0.0f ? 1.0f : 0.0f);
+    codes[k] = static_cast<uint8_t>(static_cast<int32_t>(q));
+  }
+}
+
+// ---- one chunk per state format -------------------------------------------------------------
+
+enum class Format { kFp32, kBf16, kInt8 };
+
+// Raw pointers, taken once: data_ptr() per chunk would cost a call and a check each time.
+struct Args {
+  float* master;
+  const void* grad;
+  void* param_out;  // null: no parameter copy
+  Dt grad_dt, out_dt;
+  void* m;
+  void* v;
+  float* m_scale;   // int8 only
+  float* v_scale;
+  int64_t numel;
+  Hyper h;
+};
+
+template <Format F>
+void run_chunk(const Args& a, int64_t chunk) {
+  const int64_t i0 = chunk * kBlock;
+  const int64_t n = std::min(kBlock, a.numel - i0);
+  alignas(64) float g[kBlock];
+  load_grad(a.grad, a.grad_dt, i0, n, a.h.grad_scale, g);
+  float* p = a.master + i0;
+  if constexpr (F == Format::kFp32) {
+    adam_core(p, g, static_cast<float*>(a.m) + i0, static_cast<float*>(a.v) + i0, nullptr, n, a.h);
+  } else {
+    alignas(64) float m[kBlock], v[kBlock], u[kBlock];
+    alignas(64) uint32_t rnd[kBlock];
+    if constexpr (F == Format::kBf16) {
+      load_bf16(static_cast<const uint16_t*>(a.m) + i0, n, m);
+      load_bf16(static_cast<const uint16_t*>(a.v) + i0, n, v);
+    } else {
+      const int8_t* qm = static_cast<const int8_t*>(a.m) + i0;
+      const uint8_t* qv = static_cast<const uint8_t*>(a.v) + i0;
+      const float sm = a.m_scale[chunk], sv = a.v_scale[chunk];
+      for (int64_t k = 0; k < n; ++k) {
+        const int32_t q = qm[k], r = qv[k];
+        m[k] = static_cast<float>(q * std::abs(q)) * sm;
+        const float uk = static_cast<float>(r * r) * sv;
+        v[k] = uk * uk;
+      }
+    }
+    adam_core(p, g, m, v, u, n, a.h);
+    hash_chunk(static_cast<uint64_t>(i0), n, a.h.seed, rnd);
+    if constexpr (F == Format::kBf16) {
+      store_bf16_stochastic(m, rnd, 0, n, static_cast<uint16_t*>(a.m) + i0);
+      store_bf16_stochastic(v, rnd, 16, n, static_cast<uint16_t*>(a.v) + i0);
+    } else {
+      encode_m(m, rnd, n, static_cast<int8_t*>(a.m) + i0, a.m_scale + chunk);
+      encode_v(u, rnd, n, static_cast<uint8_t*>(a.v) + i0, a.v_scale + chunk);
+    }
+  }
+  if (a.param_out) store_param(p, a.param_out, a.out_dt, i0, n);
+}
+
+template <Format F>
+void run_all(const Args& a) {
+  const int64_t chunks = (a.numel + kBlock - 1) / kBlock;
+  // 64 chunks (16K elements) per task at least: thread start-up is dearer than that much work.
+  at::parallel_for(0, chunks, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) run_chunk<F>(a, c);
+  });
+}
+
+void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> param_out,
+                const std::string& state_dtype, at::Tensor exp_avg, at::Tensor exp_avg_sq,
+                c10::optional<at::Tensor> exp_avg_scale, c10::optional<at::Tensor> exp_avg_sq_scale,
+                double decay, double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
+                double step_size, double bc2_sqrt, double eps, double grad_scale, int64_t seed) {
+  // Shapes, dtypes and layout are validated in Python (adam.py); these guard direct misuse.
+  TORCH_CHECK(master.is_contiguous() && master.scalar_type() == at::kFloat, "adamw_step: master must be contiguous fp32");
+  TORCH_CHECK(grad.is_contiguous() && grad.numel() == master.numel(), "adamw_step: grad must be contiguous, numel of master");
+  TORCH_CHECK(exp_avg.numel() == master.numel() && exp_avg_sq.numel() == master.numel(), "adamw_step: state numel mismatch");
+  Args a{};
+  a.master = master.data_ptr<float>();
+  a.grad = grad.data_ptr();
+  a.grad_dt = dtype_of(grad, "grad");
+  if (param_out.has_value()) {
+    TORCH_CHECK(param_out->is_contiguous() && param_out->numel() == master.numel(), "adamw_step: bad param_out");
+    a.param_out = param_out->data_ptr();
+    a.out_dt = dtype_of(*param_out, "param_out");
+  }
+  a.m = exp_avg.data_ptr();
+  a.v = exp_avg_sq.data_ptr();
+  a.numel = master.numel();
+  a.h = Hyper{static_cast<float>(decay), static_cast<float>(beta1), static_cast<float>(one_minus_beta1),
+              static_cast<float>(beta2), static_cast<float>(one_minus_beta2), -static_cast<float>(step_size),
+              static_cast<float>(bc2_sqrt), static_cast<float>(eps), static_cast<float>(grad_scale),
+              static_cast<uint32_t>(seed)};
+  if (state_dtype == "fp32") {
+    TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat, "fp32 states expected");
+    run_all<Format::kFp32>(a);
+  } else if (state_dtype == "bf16") {
+    TORCH_CHECK(exp_avg.scalar_type() == at::kBFloat16 && exp_avg_sq.scalar_type() == at::kBFloat16, "bf16 states expected");
+    run_all<Format::kBf16>(a);
+  } else if (state_dtype == "int8") {
+    TORCH_CHECK(exp_avg_scale.has_value() && exp_avg_sq_scale.has_value(), "int8 states need scales");
+    TORCH_CHECK(exp_avg.scalar_type() == at::kChar && exp_avg_sq.scalar_type() == at::kByte, "int8/uint8 codes expected");
+    const int64_t blocks = (master.numel() + kBlock - 1) / kBlock;
+    TORCH_CHECK(exp_avg_scale->numel() == blocks && exp_avg_sq_scale->numel() == blocks &&
+                exp_avg_scale->scalar_type() == at::kFloat && exp_avg_sq_scale->scalar_type() == at::kFloat,
+                "adamw_step: one fp32 scale per 256-element block expected");
+    a.m_scale = exp_avg_scale->data_ptr<float>();
+    a.v_scale = exp_avg_sq_scale->data_ptr<float>();
+    run_all<Format::kInt8>(a);
+  } else {
+    TORCH_CHECK(false, "adamw_step: unknown state_dtype ", state_dtype);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  // No Python objects are touched during the step: let other threads (e.g. a delayed update) run.
+  mod.def("adamw_step", &adamw_step, "One-pass AdamW over flat CPU tensors (see thruput.memory.adam)",
+          pybind11::call_guard<pybind11::gil_scoped_release>());
+}
