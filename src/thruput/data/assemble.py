@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from thruput.data.balance import assign_pieces, lpt_equal_count
 from thruput.data.errors import DataError
@@ -126,6 +125,14 @@ def rank_rows(plan: Plan, pieces: list[Piece], rank: int, world_size: int) -> li
 
 def collate(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], step: int) -> dict[str, Any]:
     """Tensors for ``rows``: see ``Loader`` for the meaning of every key."""
+    import torch  # here, not at the top: Ray's constructor actors build batches without torch
+
+    arrays = collate_arrays(plan, pieces, rows, step)
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+
+
+def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], step: int) -> dict[str, Any]:
+    """``collate`` with numpy arrays instead of tensors."""
     T = plan.seq_len
     B = len(rows)
     input_ids = np.zeros((B, T), dtype=np.int64)
@@ -152,10 +159,10 @@ def collate(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], step: in
     seqlens = np.diff(cu)
     used = int(per_source.sum())
     return {
-        "input_ids": torch.from_numpy(input_ids),
-        "labels": torch.from_numpy(labels),
-        "position_ids": torch.from_numpy(position_ids),
-        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "cu_seqlens": np.asarray(cu, dtype=np.int32),
         "max_seqlen": int(seqlens.max()) if seqlens.size else 0,
         "tokens_per_source": {s.name: int(n) for s, n in zip(plan.sources, per_source)},
         "padding_ratio": 1.0 - used / (B * T) if B else 0.0,

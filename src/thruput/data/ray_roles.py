@@ -130,6 +130,7 @@ class Planner:
         self.sources = {s.name: s for s in plan.sources}
         self.pools = {name: _Pool() for name in self.sources}
         self.shadows = [SourceLoader.remote() for _ in range(self.opts["shadows"])]
+        self._warm_constructor: Any = Constructor.remote()  # the first session's, started alongside the loaders
         self.sessions: dict[str, dict[str, Any]] = {}
         self.closing = False
         self._adopting = [self._add_loader(name) for name in self.sources for _ in range(self.opts["min_workers"])]
@@ -161,10 +162,9 @@ class Planner:
             key = session_key(world_size, state)
             session = self.sessions.get(key)
             if session is None:
+                constructor, self._warm_constructor = self._warm_constructor or Constructor.remote(), None
                 me = ray.get_runtime_context().current_actor
-                constructor = Constructor.options(max_concurrency=world_size + 4).remote(
-                    me, self.plan, world_size, dict(state), self.opts
-                )
+                constructor.begin.remote(me, self.plan, world_size, dict(state), self.opts)
                 session = self.sessions[key] = {"constructor": constructor, "open": set(), "released": set()}
             session["open"].add(rank)
             return key, session["constructor"]
@@ -333,11 +333,26 @@ class _PoolClient:
         return out
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_concurrency=64)
 class Constructor:
     """Builds every rank's batch of each step of one session, ``ahead`` steps past the slowest rank."""
 
-    def __init__(self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: Mapping[str, Any]) -> None:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.begun = threading.Event()  # begin() and the ranks' batch() calls may arrive in any order
+
+    def begin(self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: Mapping[str, Any]) -> None:
+        """Start building ``world_size`` ranks' batches from ``state`` (once per actor)."""
+        try:
+            self._begin(planner, plan, world_size, state, opts)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        finally:
+            self.begun.set()
+
+    def _begin(self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: Mapping[str, Any]) -> None:
         from thruput.data.assemble import StreamReader
 
         self.planner, self.plan, self.world_size = planner, plan, world_size
@@ -348,11 +363,10 @@ class Constructor:
             StreamReader(s.name, len(s), self.pools[s.name].fetch, **{k: int(v) for k, v in cursors[s.name].items()})
             for s in plan.sources
         ]
+        self.version = state["version"]  # the Loader's state format (loader.py imports torch; we do not)
         self.next_build = int(state["step"])
         self.wanted = [self.next_build] * world_size  # the next step each rank will ask for
         self.built: dict[int, tuple[list[Any], dict[str, Any]]] = {}
-        self.error: BaseException | None = None
-        self.cond = threading.Condition()
         threading.Thread(target=self._build_loop, name="thruput-constructor", daemon=True).start()
 
     def _build_loop(self) -> None:
@@ -376,16 +390,15 @@ class Constructor:
                 self.cond.notify_all()
 
     def _build(self, step: int) -> tuple[list[Any], dict[str, Any]]:
-        from thruput.data.assemble import collate, mix, rank_rows
-        from thruput.data.loader import STATE_VERSION
+        from thruput.data.assemble import collate_arrays, mix, rank_rows
 
         pieces = mix(self.plan, self.readers, step)
-        batches = []
-        for rank in range(self.world_size):
-            batch = collate(self.plan, pieces, rank_rows(self.plan, pieces, rank, self.world_size), step)
-            batches.append({k: v.numpy() if hasattr(v, "numpy") else v for k, v in batch.items()})
+        batches = [
+            collate_arrays(self.plan, pieces, rank_rows(self.plan, pieces, rank, self.world_size), step)
+            for rank in range(self.world_size)
+        ]
         state = {
-            "version": STATE_VERSION,
+            "version": self.version,
             "step": step + 1,
             "seed": self.plan.seed,
             "sources": {r.name: r.state() for r in self.readers},
@@ -398,6 +411,9 @@ class Constructor:
         Raises ``DataError`` if building failed, if the step was already handed to this rank, or
         if the other ranks lag more than ``ahead`` steps behind for ``wait_s`` seconds.
         """
+        self.begun.wait()
+        if self.error is not None and not hasattr(self, "wanted"):
+            raise DataError(f"ray backend: the data constructor failed to start: {self.error!r}")
         with self.cond:
             if step != self.wanted[rank]:
                 raise DataError(f"ray backend: rank {rank} asked for step {step}, expected step {self.wanted[rank]}")
