@@ -149,10 +149,18 @@ def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
     d = cfg.data
     plan = Plan(build_sources(cfg), seq_len=d.seq_len, tokens_per_batch=d.seq_len * d.batch_size * world,
                 packing=d.pack, world_size=world, seed=cfg.seed)
-    if d.workers == 0:
-        return Loader(plan, rank=rank, world_size=world, backend="inline", device=cfg.device)
-    return Loader(plan, rank=rank, world_size=world, backend="process", device=cfg.device,
-                  workers={"cpu_budget": d.workers, "max_workers": d.workers})
+    backend = d.backend
+    if backend == "auto":
+        backend = "ray" if world > 1 or d.ray_address else "process" if d.workers else "inline"
+    if backend == "ray":
+        # Every rank of one launch joins the same actors: torchrun gives all ranks one run id.
+        run_id = os.environ.get("TORCHELASTIC_RUN_ID", cfg.name)
+        options: dict[str, Any] = {"address": d.ray_address, "run_id": run_id}
+    elif backend == "process":
+        options = {"cpu_budget": max(1, d.workers), "max_workers": max(1, d.workers)}
+    else:
+        options = {}
+    return Loader(plan, rank=rank, world_size=world, backend=backend, device=cfg.device, workers=options)
 
 
 def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
@@ -235,6 +243,7 @@ def train(
 
     progress = _progress(cfg, step) if show_progress and rank == 0 else None
     batches = prof.wrap_loader(loader)
+    resumed_useful, local_useful = result.useful_tokens, 0  # labelled tokens: all ranks / this rank
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     try:
         while step < end:
@@ -272,21 +281,24 @@ def train(
                             prof.counter(key, value)
             step += 1
             result.losses.append(loss.item())
-            result.useful_tokens += useful
+            local_useful += useful
             if progress is not None:
                 progress.advance(loss=result.losses[-1])
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and rank == 0:
-                result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, prof, result))
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
+                if rank == 0:
+                    result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, prof, result))
+        result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
+        if cfg.checkpoint.dir and rank == 0 and step > result.start_step and not (
+                cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            # The end of the run (or of this slice of it, with stop_after) is always resumable.
+            result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, prof, result))
     finally:
         if progress is not None:
             progress.close()
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    if world > 1:
-        total = torch.tensor([result.useful_tokens], dtype=torch.int64)
-        dist.all_reduce(total)
-        result.useful_tokens = int(total)
     result.document = run_document(prof, name=cfg.name)
     if print_report and rank == 0:
         from thruput.profile import render_terminal
@@ -298,6 +310,14 @@ def train(
         save_json(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.json")
         save_html(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.html")
     return result
+
+
+def _sum_over_ranks(value: int, world: int) -> int:
+    if world == 1:
+        return value
+    total = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(total)
+    return int(total)
 
 
 def _attribute_offload(prof: StepProfiler, optimizer: torch.optim.Optimizer) -> None:
