@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from thruput.config import ConfigError, RunConfig, from_dict, load_config, to_dict
@@ -49,3 +51,10 @@ def test_missing_and_malformed_files(tmp_path) -> None:
     bad.write_text("steps = = 3")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_is_valid(path) -> None:
+    cfg = load_config(path)
+    assert cfg.steps > 0 and cfg.data.sources
