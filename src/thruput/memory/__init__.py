@@ -9,6 +9,7 @@
 from thruput.memory.adam import STATE_DTYPES, AdamState, adamw_step, kernel_available
 from thruput.memory.offload import OffloadAdamW
 from thruput.memory.plan import MemoryPlan, StrategyEstimate, parse_bytes, plan, render_plan
+from thruput.memory.shard import Zero2OffloadAdamW
 
-__all__ = ["STATE_DTYPES", "AdamState", "MemoryPlan", "OffloadAdamW", "StrategyEstimate", "adamw_step",
-           "kernel_available", "parse_bytes", "plan", "render_plan"]
+__all__ = ["STATE_DTYPES", "AdamState", "MemoryPlan", "OffloadAdamW", "StrategyEstimate", "Zero2OffloadAdamW",
+           "adamw_step", "kernel_available", "parse_bytes", "plan", "render_plan"]

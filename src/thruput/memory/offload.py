@@ -322,8 +322,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _grad_sq_sum(self) -> float:
         total = 0.0
         for seg in self.segments:
-            if seg.numel:
-                total += float(torch.linalg.vector_norm(seg.grad)) ** 2
+            for chunk in seg.grad.split(1 << 20):  # fp64 sums, through a bounded temporary
+                total += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
         return self._reduce_sum(total)
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:

@@ -1,0 +1,165 @@
+"""ZeRO-2 over torch.distributed: each rank owns a shard of the host master weights and states.
+
+During backward, ``thruput.comm.GradientBuckets`` reduce-scatters the gradients bucket by bucket
+(asynchronously, as the buckets fill); at the end of each backward every rank folds the mean of
+its shard into its fp32 host accumulator. ``step()`` runs the CPU AdamW on the shard only and
+all-gathers the updated parameters, bucket by bucket, into every rank's model.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from thruput.comm import GradientBuckets
+from thruput.memory.offload import OffloadAdamW, Segment
+
+
+class Zero2OffloadAdamW(OffloadAdamW):
+    """:class:`OffloadAdamW` with master weights, gradients and states sharded over ranks.
+
+    Same arguments as :class:`OffloadAdamW` plus ``process_group`` (default: the world). Every
+    rank must build it with the same parameters in the same order. Gradients are averaged over
+    ranks, so a per-rank mean loss on equal shares of the batch equals one rank on the whole
+    batch. Gradient accumulation works either way: each backward's reduced shard is added to the
+    host accumulator, or, inside :meth:`no_sync`, gradients add up on the device and are reduced
+    once by the last backward.
+
+    ``state_dict()`` is collective (every rank must call it) and returns the full, unsharded
+    torch.optim.AdamW-format state on every rank; ``load_state_dict`` takes that full state.
+    With the delayed update, a backward's reduced gradients wait for the running CPU update
+    before they are folded in, so the update overlaps the forward and most of the backward.
+
+    Raises ``RuntimeError`` when torch.distributed is not initialised; otherwise like
+    :class:`OffloadAdamW` (the host-memory check is per rank).
+    """
+
+    def __init__(self, params: Iterable[Any], *args: Any, process_group: dist.ProcessGroup | None = None,
+                 **kwargs: Any) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("Zero2OffloadAdamW needs torch.distributed.init_process_group() first")
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self._nccl = dist.get_backend(process_group) == "nccl"
+        self._bucket_segments: dict[int, list[tuple[Segment, int]]] = {}
+        self._queued = False
+        super().__init__(params, *args, **kwargs)
+
+    # --- layout ----------------------------------------------------------------------------
+
+    def _build_segments(self) -> list[Segment]:
+        """This rank's shard of each comm bucket, split where the param group changes."""
+        group_of: dict[int, int] = {}
+        trainable: list[nn.Parameter] = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in group_of:
+                    group_of[id(p)] = gi
+                    trainable.append(p)
+        self.comm = GradientBuckets(trainable, bucket_mb=self.bucket_bytes / 2**20, op="reduce_scatter",
+                                    on_shard=self._on_shard, group=self.process_group)
+        segments: list[Segment] = []
+        for bucket in self.comm.buckets:
+            runs: list[tuple[int, list[tuple[nn.Parameter, int, int, int]]]] = []
+            for param, ps, pe, at in bucket.shard_pieces(self.rank):
+                gi = group_of[id(param)]
+                if not runs or runs[-1][0] != gi:
+                    runs.append((gi, []))
+                runs[-1][1].append((param, ps, pe, at))
+            for gi, pieces in runs:
+                start = pieces[0][3]
+                local = [(p, ps, pe, at - start) for p, ps, pe, at in pieces]
+                seg = Segment(gi, bucket.dtype, local, pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - start)
+                segments.append(seg)
+                self._bucket_segments.setdefault(bucket.index, []).append((seg, start))
+        return segments
+
+    def _needs_grad_stage(self) -> bool:
+        return False  # reduced shards are folded on the main thread, after any running update
+
+    # --- gradients -------------------------------------------------------------------------
+
+    def _install_grad_path(self) -> list[Any]:
+        """A marker hook that queues the end-of-backward fold once per backward pass."""
+        params = {id(p): p for b in self.comm.buckets for p in b.params}
+        return [p.register_post_accumulate_grad_hook(self._mark_backward) for p in params.values()]
+
+    def _mark_backward(self, _: Tensor) -> None:
+        if not self._queued and self.comm._sync:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        self._queued = False
+        self._timings.setdefault("comm", 0.0)
+        self._timings["comm"] += self.comm.finish()
+
+    def _on_shard(self, bucket: Any, shard: Tensor) -> None:
+        self._join_background()  # the running update reads the accumulators
+        for seg, start in self._bucket_segments.get(bucket.index, []):
+            src = shard[start:start + seg.numel]
+            if seg.fresh[0]:
+                seg.grad.copy_(src)
+            else:
+                seg.grad.add_(src)
+            seg.fresh = [False] * len(seg.pieces)
+
+    def _gather_grads(self) -> None:
+        self._timings.setdefault("comm", 0.0)
+        self._timings["comm"] += self.comm.finish()  # buckets of a backward not yet finished
+        for seg in self.segments:
+            if seg.fresh[0]:  # no backward since zero_grad
+                seg.grad.zero_()
+                seg.fresh = [False] * len(seg.pieces)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate on the device without communication (all but the last micro-step)."""
+        with self.comm.no_sync():
+            yield
+
+    # --- collectives -----------------------------------------------------------------------
+
+    def _all_reduce(self, t: Tensor, op: dist.ReduceOp) -> Tensor:
+        work = t.cuda() if self._nccl else t
+        dist.all_reduce(work, op=op, group=self.process_group)
+        return work.to(t.device)
+
+    def _reduce_sum(self, value: float) -> float:
+        return float(self._all_reduce(torch.tensor([value], dtype=torch.float64), dist.ReduceOp.SUM))
+
+    def _combine(self, t: Tensor, op: str = "sum") -> Tensor:
+        return self._all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+
+    # --- parameters: all-gather ------------------------------------------------------------
+
+    def _copy_segment(self, seg: Segment) -> None:
+        """Nothing per segment: parameters come back by bucket in ``_finish_copies``."""
+
+    def _finish_copies(self) -> None:
+        for bucket in self.comm.buckets:
+            local = torch.zeros(bucket.shard_numel, dtype=bucket.dtype, device=bucket.device)
+            for seg, start in self._bucket_segments.get(bucket.index, []):
+                src = seg.master if seg.param_out is None else seg.param_out
+                local[start:start + seg.numel].copy_(src, non_blocking=self._cuda)
+            full = torch.empty(bucket.padded_numel, dtype=bucket.dtype, device=bucket.device)
+            try:
+                dist.all_gather_single(full, local, group=self.process_group)
+            except (RuntimeError, NotImplementedError):  # backends without the flat variant
+                dist.all_gather(list(full.chunk(self.world_size)), local, group=self.process_group)
+            with torch.no_grad():
+                for p, off in zip(bucket.params, bucket.offsets):
+                    p.data.view(-1).copy_(full[off:off + p.numel()])
+        if self._cuda:  # the next update must not overwrite param_out while it is being copied
+            event = torch.cuda.Event()
+            event.record()
+            for seg in self.segments:
+                seg.copy_event = event
+
+    def remove_hooks(self) -> None:
+        super().remove_hooks()
+        self.comm.remove()

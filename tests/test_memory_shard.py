@@ -1,0 +1,114 @@
+"""ZeRO-2 offload on two gloo ranks equals one rank on the same total batch, bit for bit.
+
+Bitwise because the one-rank reference accumulates the two halves' gradients in the order the
+reduce-scatter sums them, and both run the same elementwise CPU kernel. (Against a reference
+that is merely close, Adam amplifies last-bit gradient noise wherever a gradient is ~eps.)"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from thruput.memory import OffloadAdamW, Zero2OffloadAdamW
+from thruput.models import GPT, GPTConfig
+
+WORLD, VOCAB, SEQ, ROWS = 2, 64, 16, 8
+IMPL = "torch"  # see test_memory_offload.py
+
+
+def _gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, max_seq_len=SEQ))
+
+
+def _groups(model: nn.Module) -> list[dict]:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    return [{"params": decay, "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(step))
+
+
+def _loss(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten())
+
+
+def _worker(rank: int, init_file: str, steps: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        ref, model = _gpt(), _gpt()
+        ref_opt = OffloadAdamW(_groups(ref), lr=1e-2, impl=IMPL)  # one rank, the same CPU kernel
+        # small buckets: shards cut through parameters and through both param groups
+        opt = Zero2OffloadAdamW(_groups(model), lr=1e-2, bucket_mb=0.03, impl=IMPL)
+        assert len(opt.comm.buckets) >= 3
+        owned = sum(s.numel for s in opt.segments)
+        total = sum(p.numel() for p in model.parameters())
+        assert abs(owned - total / WORLD) <= len(opt.comm.buckets)  # half of it, up to padding
+        halves = [slice(r * ROWS // WORLD, (r + 1) * ROWS // WORLD) for r in range(WORLD)]
+        for step in range(steps):
+            rows = _batch(step)
+            # One rank on the whole batch, accumulated per half so that its gradient is the
+            # same sum, in the same order, as the two ranks' averaged reduce-scatter: bitwise.
+            for half in halves:
+                (_loss(ref, rows[half]) / WORLD).backward()
+            _loss(model, rows[halves[rank]]).backward()
+            ref_norm = ref_opt.clip_grad_norm_(0.5)
+            norm = opt.clip_grad_norm_(0.5)
+            assert norm > 0.5  # clipping is active
+            torch.testing.assert_close(norm, ref_norm, rtol=1e-12, atol=0)
+            ref_opt.step()
+            ref_opt.zero_grad()
+            opt.step()
+            opt.zero_grad()
+            assert opt.last_timings["comm"] >= 0
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
+        sd = opt.state_dict()  # collective: the full, unsharded state on every rank
+        ref_sd = ref_opt.state_dict()
+        assert sd["state"].keys() == ref_sd["state"].keys()
+        for idx, entry in ref_sd["state"].items():
+            assert float(sd["state"][idx]["step"]) == float(entry["step"])
+            assert torch.equal(sd["state"][idx]["exp_avg"], entry["exp_avg"])
+            assert torch.equal(sd["state"][idx]["exp_avg_sq"], entry["exp_avg_sq"])
+        # it loads back into a sharded optimizer of a fresh model
+        fresh = _gpt()
+        fresh.load_state_dict(model.state_dict())
+        opt2 = Zero2OffloadAdamW(_groups(fresh), lr=1.0, bucket_mb=0.03, impl=IMPL)
+        opt2.load_state_dict(sd)
+        # accumulation over two backwards (the first inside no_sync) equals one backward of the sum
+        rows = _batch(99)[halves[rank]]
+        with opt.no_sync():
+            (_loss(model, rows[:2]) / 2).backward()
+        (_loss(model, rows[2:]) / 2).backward()
+        opt.step()
+        (_loss(fresh, rows[:2]) / 2).backward()
+        (_loss(fresh, rows[2:]) / 2).backward()
+        opt2.step()
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            assert torch.equal(p, q)
+    finally:
+        dist.destroy_process_group()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_two_gloo_ranks_equal_one_rank_on_the_same_total_batch(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), 6), nprocs=WORLD, join=True)
+
+
+def test_needs_initialised_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        Zero2OffloadAdamW(nn.Linear(2, 2).parameters())
