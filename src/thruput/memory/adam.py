@@ -361,12 +361,13 @@ def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
 
 
 def _encode_blocks(x: Tensor, r16: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-block scale = max|x| / levels**2 and codes of |x| (zero where the scale is zero)."""
+    """Per-block scale = max|x| / levels**2 and codes of |x|."""
     xb, rb = _blocks(x).abs(), _blocks(r16)
     scale = xb.amax(dim=1) / float(levels * levels)
-    inv = 1.0 / torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = _stochastic_sq_code(xb * inv[:, None], rb, levels)
-    return torch.where(scale[:, None] > 0, q, torch.zeros_like(q)), xb, scale
+    # A zero or subnormal scale gives all-zero codes (inv = 0), and keeps |x| * inv finite.
+    normal = scale >= torch.finfo(torch.float32).tiny
+    inv = torch.where(normal, 1.0 / torch.where(normal, scale, 1.0), 0.0)
+    return _stochastic_sq_code(xb * inv[:, None], rb, levels), xb, scale
 
 
 def _encode_m(m: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -38,13 +39,14 @@ inline uint32_t fmix32(uint32_t x) {
   x ^= x >> 16; x *= 0x85EBCA6Bu; x ^= x >> 13; x *= 0xC2B2AE35u; return x ^ (x >> 16);
 }
 
-// 32 random bits for element `base + k` (base is a multiple of 256, so the high word is constant
-// across a chunk); identical to _hash32 in adam.py.
-inline void hash_chunk(uint64_t base, int64_t n, uint32_t seed, uint32_t* out) {
-  const uint32_t lo = static_cast<uint32_t>(base);
-  const uint32_t hi_mix = static_cast<uint32_t>(base >> 32) * 0x7FEB352Du ^ seed;
-  for (int64_t k = 0; k < n; ++k) out[k] = fmix32((lo + static_cast<uint32_t>(k)) * 0x9E3779B1u ^ hi_mix);
-}
+// 32 random bits for element i; identical to _hash32 in adam.py. Chunks start at multiples of
+// 256, so a chunk never straddles 2**32 and the high word (folded into hi_mix) is constant in it.
+struct Rng {
+  uint32_t lo, hi_mix;
+  Rng(uint64_t base, uint32_t seed)
+      : lo(static_cast<uint32_t>(base)), hi_mix(static_cast<uint32_t>(base >> 32) * 0x7FEB352Du ^ seed) {}
+  uint32_t at(int64_t k) const { return fmix32((lo + static_cast<uint32_t>(k)) * 0x9E3779B1u ^ hi_mix); }
+};
 
 // ---- dtype conversions over a chunk -------------------------------------------------------
 
@@ -81,9 +83,8 @@ inline void store_half(const float* src, int64_t n, at::Half* dst) {
 }
 
 // Magnitude rounded up with probability (dropped 16 bits) / 2**16: unbiased fp32 -> bf16.
-inline void store_bf16_stochastic(const float* src, const uint32_t* rnd, int shift, int64_t n, uint16_t* dst) {
-  for (int64_t k = 0; k < n; ++k)
-    dst[k] = static_cast<uint16_t>((float_to_bits(src[k]) + ((rnd[k] >> shift) & 0xFFFFu)) >> 16);
+inline uint16_t bf16_stochastic(float x, uint32_t r16) {
+  return static_cast<uint16_t>((float_to_bits(x) + r16) >> 16);
 }
 
 // Training dtypes of the gradient and the parameter copy.
@@ -123,21 +124,14 @@ inline float lerp(float m, float g, float w) {
   return w < 0.5f ? std::fma(w, g - m, m) : std::fma(w - 1.0f, g - m, g);
 }
 
-// Updates p, m, v in place over n elements (L1 scratch, or the fp32 state arrays themselves);
-// u receives sqrt(v) when non-null (the 8-bit format keeps v in the sqrt domain).
-inline void adam_core(float* __restrict p, const float* __restrict g, float* __restrict m,
-                            float* __restrict v, float* __restrict u, int64_t n, const Hyper& h) {
-  for (int64_t k = 0; k < n; ++k) {
-    const float gk = g[k];
-    const float mk = lerp(m[k], gk, h.w1);
-    const float vk = std::fma(h.c2 * gk, gk, v[k] * h.beta2);
-    const float sq = std::sqrt(vk);
-    const float denom = sq / h.bc2_sqrt + h.eps;
-    p[k] = p[k] * h.decay + (h.neg_step_size * mk) / denom;  // two roundings, like mul_ then addcdiv_
-    m[k] = mk;
-    v[k] = vk;
-    if (u) u[k] = sq;
-  }
+// One element of the update, in place; returns sqrt(v) (the 8-bit format stores v in that domain).
+inline float adam_elem(float& p, float g, float& m, float& v, const Hyper& h) {
+  m = lerp(m, g, h.w1);
+  v = std::fma(h.c2 * g, g, v * h.beta2);
+  const float sq = std::sqrt(v);
+  const float denom = sq / h.bc2_sqrt + h.eps;
+  p = p * h.decay + (h.neg_step_size * m) / denom;  // two roundings, like mul_ then addcdiv_
+  return sq;
 }
 
 // ---- 8-bit blockwise codes (see the module docstring of adam.py) ---------------------------
@@ -163,31 +157,6 @@ inline float absmax(const float* x, int64_t n) {
   return a;
 }
 
-void encode_m(const float* __restrict m, const uint32_t* __restrict rnd, int64_t n, int8_t* __restrict codes,
-              float* scale_out) {
-  const float a = absmax(m, n);
-  const float scale = a / 16129.0f;
-  *scale_out = scale;
-  if (!(scale > 0.0f)) { std::memset(codes, 0, n); return; }
-  const float inv = 1.0f / scale;
-  for (int64_t k = 0; k < n; ++k) {
-    const float q = sq_code(std::fabs(m[k]) * inv, rnd[k] & 0xFFFFu, 126.0f);
-    codes[k] = static_cast<int8_t>(static_cast<int32_t>(m[k] < 0.0f ? -q : q));
-  }
-}
-
-void encode_v(const float* __restrict u, const uint32_t* __restrict rnd, int64_t n, uint8_t* __restrict codes,
-              float* scale_out) {
-  const float scale = absmax(u, n) / 65025.0f;
-  *scale_out = scale;
-  if (!(scale > 0.0f)) { std::memset(codes, 0, n); return; }
-  const float inv = 1.0f / scale;
-  for (int64_t k = 0; k < n; ++k) {
-    const float q = std::max(sq_code(u[k] * inv, rnd[k] >> 16, 254.0f), u[k] > 0.0f ? 1.0f : 0.0f);
-    codes[k] = static_cast<uint8_t>(static_cast<int32_t>(q));
-  }
-}
-
 // ---- one chunk per state format -------------------------------------------------------------
 
 enum class Format { kFp32, kBf16, kInt8 };
@@ -210,36 +179,55 @@ template <Format F>
 void run_chunk(const Args& a, int64_t chunk) {
   const int64_t i0 = chunk * kBlock;
   const int64_t n = std::min(kBlock, a.numel - i0);
+  const Hyper h = a.h;
   alignas(64) float g[kBlock];
-  load_grad(a.grad, a.grad_dt, i0, n, a.h.grad_scale, g);
-  float* p = a.master + i0;
+  load_grad(a.grad, a.grad_dt, i0, n, h.grad_scale, g);
+  float* __restrict p = a.master + i0;
   if constexpr (F == Format::kFp32) {
-    adam_core(p, g, static_cast<float*>(a.m) + i0, static_cast<float*>(a.v) + i0, nullptr, n, a.h);
-  } else {
-    alignas(64) float m[kBlock], v[kBlock], u[kBlock];
-    alignas(64) uint32_t rnd[kBlock];
-    if constexpr (F == Format::kBf16) {
-      load_bf16(static_cast<const uint16_t*>(a.m) + i0, n, m);
-      load_bf16(static_cast<const uint16_t*>(a.v) + i0, n, v);
-    } else {
-      const int8_t* qm = static_cast<const int8_t*>(a.m) + i0;
-      const uint8_t* qv = static_cast<const uint8_t*>(a.v) + i0;
-      const float sm = a.m_scale[chunk], sv = a.v_scale[chunk];
-      for (int64_t k = 0; k < n; ++k) {
-        const int32_t q = qm[k], r = qv[k];
-        m[k] = static_cast<float>(q * std::abs(q)) * sm;
-        const float uk = static_cast<float>(r * r) * sv;
-        v[k] = uk * uk;
-      }
+    float* __restrict m = static_cast<float*>(a.m) + i0;
+    float* __restrict v = static_cast<float*>(a.v) + i0;
+    for (int64_t k = 0; k < n; ++k) adam_elem(p[k], g[k], m[k], v[k], h);
+  } else if constexpr (F == Format::kBf16) {
+    uint16_t* __restrict mq = static_cast<uint16_t*>(a.m) + i0;
+    uint16_t* __restrict vq = static_cast<uint16_t*>(a.v) + i0;
+    const Rng rng(static_cast<uint64_t>(i0), h.seed);
+    for (int64_t k = 0; k < n; ++k) {
+      float m = bits_to_float(static_cast<uint32_t>(mq[k]) << 16);
+      float v = bits_to_float(static_cast<uint32_t>(vq[k]) << 16);
+      adam_elem(p[k], g[k], m, v, h);
+      const uint32_t r = rng.at(k);
+      mq[k] = bf16_stochastic(m, r & 0xFFFFu);
+      vq[k] = bf16_stochastic(v, r >> 16);
     }
-    adam_core(p, g, m, v, u, n, a.h);
-    hash_chunk(static_cast<uint64_t>(i0), n, a.h.seed, rnd);
-    if constexpr (F == Format::kBf16) {
-      store_bf16_stochastic(m, rnd, 0, n, static_cast<uint16_t*>(a.m) + i0);
-      store_bf16_stochastic(v, rnd, 16, n, static_cast<uint16_t*>(a.v) + i0);
-    } else {
-      encode_m(m, rnd, n, static_cast<int8_t*>(a.m) + i0, a.m_scale + chunk);
-      encode_v(u, rnd, n, static_cast<uint8_t*>(a.v) + i0, a.v_scale + chunk);
+  } else {
+    // Dequantise and update, keeping the new fp32 moments in L1; the block scales need all of
+    // them before anything can be requantised.
+    int8_t* __restrict qm = static_cast<int8_t*>(a.m) + i0;
+    uint8_t* __restrict qv = static_cast<uint8_t*>(a.v) + i0;
+    const float sm = a.m_scale[chunk], sv = a.v_scale[chunk];
+    alignas(64) float mb[kBlock], ub[kBlock];
+    for (int64_t k = 0; k < n; ++k) {
+      const int32_t cm = qm[k], cv = qv[k];
+      float m = static_cast<float>(cm * std::abs(cm)) * sm;
+      const float u = static_cast<float>(cv * cv) * sv;
+      float v = u * u;
+      ub[k] = adam_elem(p[k], g[k], m, v, h);
+      mb[k] = m;
+    }
+    const float scale_m = absmax(mb, n) / 16129.0f, scale_v = absmax(ub, n) / 65025.0f;
+    a.m_scale[chunk] = scale_m;
+    a.v_scale[chunk] = scale_v;
+    // A block whose scale is zero or subnormal (moments below 1e-34) gets all-zero codes: inv = 0
+    // makes every code 0 and keeps |x| * inv finite, which sq_code needs.
+    const float inv_m = scale_m >= FLT_MIN ? 1.0f / scale_m : 0.0f;
+    const float inv_v = scale_v >= FLT_MIN ? 1.0f / scale_v : 0.0f;
+    const Rng rng(static_cast<uint64_t>(i0), h.seed);
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t r = rng.at(k);
+      const float cm = sq_code(std::fabs(mb[k]) * inv_m, r & 0xFFFFu, 126.0f);
+      const float cv = std::max(sq_code(ub[k] * inv_v, r >> 16, 254.0f), ub[k] > 0.0f ? 1.0f : 0.0f);
+      qm[k] = static_cast<int8_t>(static_cast<int32_t>(mb[k] < 0.0f ? -cm : cm));
+      qv[k] = static_cast<uint8_t>(static_cast<int32_t>(cv));
     }
   }
   if (a.param_out) store_param(p, a.param_out, a.out_dt, i0, n);
