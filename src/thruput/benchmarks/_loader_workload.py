@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,7 @@ def epochs(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def consume(batches: Iterable[dict[str, Any]], s_per_token: float, warmup: int, seconds: float,
-            on_batch: Any = None) -> dict[str, Any]:
+            on_batch: Callable[[], None] | None = None) -> dict[str, Any]:
     """Simulate training: each batch occupies the accelerator ``s_per_token`` per token, pad included.
 
     The host sleeps through the compute (an accelerator would run it while the host waits), so
@@ -149,7 +149,7 @@ def consume(batches: Iterable[dict[str, Any]], s_per_token: float, warmup: int, 
     """
     it = iter(batches)
     first_batch_at = 0.0
-    for k in range(warmup):
+    for _ in range(warmup):
         batch = next(it)
         first_batch_at = first_batch_at or time.perf_counter()
         time.sleep(batch["input_ids"].numel() * s_per_token)
@@ -198,7 +198,6 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         loader = peer_loader(cfg["peer"], dataset, rows, workers, seed=cfg["seed"])
         out = consume(epochs(loader), *common)
         out["worker_processes"] = workers
-        del loader
     out["startup_s"] = out.pop("first_batch_at") - t0  # indexing, worker start and the first batch
     return out
 

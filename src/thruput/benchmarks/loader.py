@@ -175,7 +175,8 @@ def _print(results: dict[str, dict[str, Any]], speedup: float, workload: dict[st
     console = Console()
     console.print(table)
     costs = ", ".join(f"{n} {v['preprocess_cpu_s_per_token'] * 1e6:.2f}" for n, v in workload["sources"].items())
-    console.print(f"preprocessing CPU us/token: {costs}; thruput workers: {results['thruput'].get('workers_per_source')}")
+    console.print(f"preprocessing CPU us/token: {costs}")
+    console.print(f"thruput workers per source: {results['thruput'].get('workers_per_source')}")
     console.print(f"load average before/after: {workload['load_average_before'][0]:.1f} / "
                   f"{workload['load_average_after'][0]:.1f} on {os.cpu_count()} CPUs")
     console.print(f"speedup_vs_torch (useful tokens/s): {speedup:.2f}x  (goal >= {GOALS['speedup_min']})")
