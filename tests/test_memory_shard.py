@@ -90,7 +90,7 @@ def _worker(rank: int, init_file: str, steps: int) -> None:
         (_loss(fresh, rows[2:]) / 2).backward()
         opt2.step()
         for p, q in zip(model.parameters(), fresh.parameters()):
-            assert torch.equal(p, q)
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # summed in another order
     finally:
         dist.destroy_process_group()
 
