@@ -69,20 +69,28 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_loss(cfg: RunConfig, model: GPT) -> Callable[[torch.nn.Module, dict], torch.Tensor]:
-    """Mean cross-entropy over non-ignored labels: naive (full logits) or fused chunked."""
+def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor] | None = None,
+               ) -> Callable[[dict], torch.Tensor]:
+    """Mean cross-entropy over labelled tokens: naive (full logits) or fused chunked.
+
+    ``compiled`` is the compiled model (naive loss) or the compiled ``model.hidden`` (fused loss:
+    the chunked LM head stays outside the graph, so the logits never exist in full)."""
     if cfg.kernels.fused_cross_entropy:
         from thruput.kernels import linear_cross_entropy
 
-        def fused(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-            hidden = module.hidden(batch["input_ids"], batch.get("position_ids"))
+        hidden_fn = compiled or model.hidden
+
+        def fused(batch: dict) -> torch.Tensor:
+            hidden = hidden_fn(batch["input_ids"], batch.get("position_ids"))
             return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, batch["labels"].flatten(),
                                         ignore_index=IGNORE_INDEX)
 
         return fused
 
-    def naive(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-        logits = module(batch["input_ids"], batch.get("position_ids"))
+    forward_fn = compiled or model
+
+    def naive(batch: dict) -> torch.Tensor:
+        logits = forward_fn(batch["input_ids"], batch.get("position_ids"))
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
     return naive
@@ -203,13 +211,14 @@ def train(
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    loss_fn = build_loss(cfg, model)
-    runner: torch.nn.Module = model
     compiled = None
     if cfg.kernels.compile:
         from thruput.kernels import compile as compile_model
 
-        compiled = runner = compile_model(model)
+        # The data plane's rows are always seq_len long; shorter buckets serve padded loaders.
+        buckets = sorted({max(1, cfg.data.seq_len // 4), max(1, cfg.data.seq_len // 2), cfg.data.seq_len})
+        compiled = compile_model(model.hidden if cfg.kernels.fused_cross_entropy else model, buckets)
+    loss_fn = build_loss(cfg, model, compiled)
     comm = None
     if world > 1:
         from thruput.comm import GradientBuckets
@@ -259,7 +268,7 @@ def train(
                     record.useful_tokens = useful
                     record.flops = batch_flops(model, batch)
                 with prof.phase("forward"):
-                    loss = loss_fn(runner, batch)
+                    loss = loss_fn(batch)
                 with prof.phase("backward"):
                     loss.backward()
                 if comm is not None:
