@@ -10,6 +10,7 @@ ASCII text, so one character is one byte token. Each source's transform case-fol
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -81,6 +82,30 @@ def seconds_per_token(source: JsonlSource, budget_tokens: int) -> float:
         if tokens >= budget_tokens:
             break
     return (time.process_time() - t0) / max(tokens, 1)
+
+
+def _probe(args: tuple[str, int, list[float], int, float]) -> tuple[int, float]:
+    folder, unit_rounds, weights, seed, seconds = args
+    sources = make_sources(Path(folder), unit_rounds, weights)
+    rng, tok = np.random.default_rng(seed), ByteTokenizer()
+    tokens, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        source = sources[int(rng.choice(len(sources), p=weights))]
+        tokens += tok.encode(source.text(int(rng.integers(len(source))))).size
+    return tokens, time.perf_counter() - t0
+
+
+def preprocessing_capacity(folder: Path, unit_rounds: int, weights: Sequence[float], processes: int,
+                           seconds: float) -> float:
+    """Mixture tokens/s that ``processes`` always-busy processes preprocess on this machine now.
+
+    Wall-clock, so it sees what other load leaves over; documents are drawn by source weight
+    (every source has the same length distribution, so documents and tokens mix alike).
+    """
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    jobs = [(str(folder), unit_rounds, list(weights), seed, seconds) for seed in range(processes)]
+    with ctx.Pool(processes) as pool:
+        return sum(tokens / elapsed for tokens, elapsed in pool.map(_probe, jobs))
 
 
 class PeerChunks(Dataset):

@@ -6,11 +6,12 @@ included: a padded token costs the same compute). The peers use the same number 
 processes, a ``WeightedRandomSampler`` for the mixture and a pad-to-longest collate; thruput
 packs rows and autoscales its per-source workers within the same process budget.
 
-The compute time per token is chosen so that a well-fed consumer is compute-bound: the
-mixture's measured preprocessing CPU time per token, divided by the CPUs the workers can use,
-times ``--headroom``. The default 3 means the workers need a third of the CPUs to keep up a
-packed stream: room for the loader's own process and for other load on a shared machine; with
-less headroom the benchmark drifts toward measuring how the peers share out a CPU shortage.
+The compute time per token is chosen so that a well-fed consumer is compute-bound: a probe first
+measures how many mixture tokens/s ``--workers`` always-busy processes preprocess on this machine
+now (wall clock, so it sees what other load leaves over), and the consumer is made ``--headroom``
+times slower than that (default 3: the workers need a third of what they can get to keep up a
+packed stream). On an idle machine this is about ``headroom * mixture CPU s/token / CPUs``;
+with less headroom the benchmark drifts toward measuring how the peers share a CPU shortage.
 Each peer runs in a fresh process, measured after ``--warmup`` batches (worker start-up and
 autoscaling; ``startup_s`` reports the time to the first batch); a sampler in this process records
 the peak summed PSS of it and its children.
@@ -31,7 +32,13 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from thruput.benchmarks._loader_workload import SOURCES, make_sources, seconds_per_token, write_corpus
+from thruput.benchmarks._loader_workload import (
+    SOURCES,
+    make_sources,
+    preprocessing_capacity,
+    seconds_per_token,
+    write_corpus,
+)
 
 DESCRIPTION = "useful tokens/s, stall, padding, memory: thruput vs torch DataLoader and torchdata (goal >= 1.5x)"
 PEERS = ("torch_dataloader", "torchdata", "thruput")
@@ -135,10 +142,11 @@ def run(args: argparse.Namespace) -> dict:
         budget = 20_000 if args.quick else 100_000
         cost = {s.name: seconds_per_token(s, budget) for s in sources}
         mix_cost = sum(w * cost[s.name] for w, s in zip(weights, sources))
+        capacity = preprocessing_capacity(folder, args.unit_rounds, weights, args.workers, 1.5 if args.quick else 3.0)
         if args.compute_us_per_token is not None:
             s_per_token = args.compute_us_per_token * 1e-6
         else:
-            s_per_token = args.headroom * mix_cost / cpus
+            s_per_token = args.headroom / capacity
         base = {"dir": tmp, "unit_rounds": args.unit_rounds, "weights": weights, "seq_len": args.seq_len,
                 "rows": args.rows, "workers": args.workers, "s_per_token": s_per_token, "warmup": warmup,
                 "seconds": seconds, "seed": args.seed}
@@ -152,7 +160,9 @@ def run(args: argparse.Namespace) -> dict:
     }
     workload = {
         "sources": {name: {"cost_factor": f, "preprocess_cpu_s_per_token": cost[name]} for name, f in SOURCES},
-        "mixture_preprocess_cpu_s_per_token": mix_cost, "cpus": cpus, "headroom": args.headroom,
+        "mixture_preprocess_cpu_s_per_token": mix_cost, "cpus": cpus,
+        "idle_capacity_tokens_per_s": cpus / mix_cost, "probed_capacity_tokens_per_s": capacity,
+        "headroom": args.headroom,
         "compute_s_per_token": s_per_token, "seq_len": args.seq_len, "rows_per_batch": args.rows,
         "worker_processes": args.workers, "docs_per_source": docs, "measured_seconds": seconds,
         "warmup_batches": warmup, "load_average_before": load_before, "load_average_after": os.getloadavg(),
