@@ -156,3 +156,20 @@ def test_inductor_backend_runs_and_counts():
     stats = compiled.stats()
     assert stats["fallback"] is None, stats["fallback"]
     assert (stats["compiles"], stats["recompiles"]) == (2, 1)  # batch sizes 2 and 1: two graphs
+
+
+def test_gpt_loss_on_variable_lengths_compiles_once_per_bucket():
+    model = tiny_gpt()
+
+    def loss_fn(input_ids, position_ids, labels):
+        return linear_cross_entropy(model.hidden(input_ids, position_ids), model.lm_head.weight, labels)
+
+    buckets = (8, 32)
+    compiled = bucketed_compile(loss_fn, buckets=buckets, backend="aot_eager")
+    lengths = [3, 9, 30, 16, 5, 2, 8, 32]  # t >= 2: batch() ignores the last label of a row
+    for i, t in enumerate(lengths):
+        ids, pos, labels = batch(2, t, seed=i)
+        torch.testing.assert_close(compiled(ids, pos, labels), loss_fn(ids, pos, labels), rtol=1e-5, atol=1e-6)
+    stats = compiled.stats()
+    assert stats["compiles"] == len(buckets) and stats["recompiles"] == len(buckets) - 1
+    assert stats["calls"] == len(lengths) and stats["fallback"] is None
