@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=int, default=16, help="rows per batch")
     parser.add_argument("--docs", type=int, default=3000, help="documents per source")
     parser.add_argument("--unit-rounds", type=int, default=128, help="case-folding passes of the 1x source")
-    parser.add_argument("--headroom", type=float, default=3.0, help="worker CPU capacity over consumer demand")
+    parser.add_argument("--headroom", type=float, default=3.0, help="probed preprocessing capacity over consumer demand")
     parser.add_argument("--warmup", type=int, default=10, help="batches consumed before measuring")
     parser.add_argument("--compute-us-per-token", type=float, default=None, help="override the chosen compute time")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,6 +131,8 @@ def run(args: argparse.Namespace) -> dict:
     seconds, docs, warmup = (3.0, 400, 3) if args.quick else (args.seconds, args.docs, max(args.warmup, 1))
     if args.workers < len(SOURCES):
         raise SystemExit(f"bench loader: --workers must be >= {len(SOURCES)} (one per source), got {args.workers}")
+    if args.headroom <= 0 or seconds <= 0:
+        raise SystemExit("bench loader: --headroom and --seconds must be > 0")
     weights = [1.0 / len(SOURCES)] * len(SOURCES)
     cpus = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
                args.workers)
