@@ -87,6 +87,17 @@ def test_cpp_and_torch_fallback_agree_bit_for_bit(cpp: None, state_dtype: str) -
                 assert torch.equal(a[2], b[2])
 
 
+def test_cpp_and_torch_agree_with_small_beta1(cpp: None) -> None:
+    """beta1 < 0.5 takes torch's other lerp formula, fma(w - 1, g - m, g)."""
+    results = []
+    for impl in IMPLS:
+        master, state = torch.linspace(-1, 1, 999), AdamState.create(999, "bf16")
+        for t in range(1, 4):
+            adamw_step(master, torch.linspace(1, -2, 999) * t, state, step=t, impl=impl, **{**HP, "beta1": 0.3})
+        results.append((master, *state.to_fp32()))
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_param_out_is_master_rounded_to_nearest(cpp: None, out_dtype: torch.dtype) -> None:
     master, _, out = _run("cpp", 5000, "fp32", 2, torch.bfloat16, out_dtype)

@@ -1,0 +1,192 @@
+"""The offload optimizer update on the CPU: thruput's one-pass AdamW kernel against the peers.
+
+The job, per step: take bf16 gradients, update an fp32 master with AdamW, and produce the bf16
+parameters to copy back to the device. Peers do whatever they need for the same job in the same
+run: torch AdamW ``fused=True`` and ``foreach=True`` (cast the gradient to fp32, step, cast the
+parameter to bf16, all inside the timed step) and DeepSpeedCPUAdam when deepspeed is installed
+(``pip install deepspeed``; it JIT-builds its CPU Adam on first use).
+
+Bandwidth: bytes a one-pass update must move per parameter (fp32 states: grad 2 + master 4+4 +
+m 4+4 + v 4+4 + bf16 param 2 = 28 B; bf16 states 20 B; 8-bit states 16 B + block scales) times
+the update rate, over the machine's copy bandwidth (bytes read + written per second by a large
+``Tensor.copy_``), measured in the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from thruput.memory.adam import BLOCK, AdamState, adamw_step, kernel_available, kernel_build_error
+
+DESCRIPTION = ("offload AdamW update (bf16 grads -> fp32 master -> bf16 params): Mparam/s vs torch fused/"
+               "foreach and DeepSpeedCPUAdam (goals: fp32 >= 1.5x, low-precision states >= 2x best peer)")
+
+HP = dict(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+STATE_BYTES = {"fp32": 16.0, "bf16": 8.0, "int8": 4.0 + 16.0 / BLOCK}  # m and v, read and written
+ONE_PASS_BYTES = 2 + 8 + 2  # bf16 grad in, fp32 master read + written, bf16 param out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="10,50,200", help="parameter counts in millions, comma-separated")
+    parser.add_argument("--reps", type=int, default=7, help="timed steps per implementation and size")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+
+
+@dataclass
+class Arm:
+    name: str
+    peer: bool                 # a peer (the best of these is the baseline) or thruput
+    bytes_per_param: float     # what a one-pass update with this arm's state format must move
+    make: Callable[[torch.Tensor, torch.Tensor], Callable[[], None]]  # (master0, grad) -> step
+
+
+def _ours(state_dtype: str) -> Arm:
+    def make(master0: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+        master, out = master0.clone(), torch.empty(master0.numel(), dtype=torch.bfloat16)
+        state, t = AdamState.create(master.numel(), state_dtype), [0]
+
+        def step() -> None:
+            t[0] += 1
+            adamw_step(master, grad, state, out, step=t[0], impl="cpp", **HP)
+        return step
+    return Arm(f"thruput {state_dtype} states", False, ONE_PASS_BYTES + STATE_BYTES[state_dtype], make)
+
+
+def _torch_peer(kind: str) -> Arm:
+    def make(master0: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+        p = torch.nn.Parameter(master0.clone())
+        p.grad = torch.empty_like(p)
+        opt = torch.optim.AdamW([p], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
+                                weight_decay=HP["weight_decay"], **{kind: True})
+        out = torch.empty(p.numel(), dtype=torch.bfloat16)
+
+        def step() -> None:
+            p.grad.copy_(grad)
+            opt.step()
+            out.copy_(p.detach())
+        return step
+    return Arm(f"torch AdamW {kind}", True, ONE_PASS_BYTES + STATE_BYTES["fp32"], make)
+
+
+def _deepspeed_peer() -> Arm | str:
+    """DeepSpeedCPUAdam, or why it is absent."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+    except Exception as e:  # ImportError, or deepspeed failing its own import-time checks
+        return f"absent ({type(e).__name__}: {e})".splitlines()[0][:200]
+
+    def make(master0: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+        p = torch.nn.Parameter(master0.clone())
+        p.grad = torch.empty_like(p)
+        opt = DeepSpeedCPUAdam([p], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
+                               weight_decay=HP["weight_decay"], adamw_mode=True)
+        out = torch.empty(p.numel(), dtype=torch.bfloat16)
+
+        def step() -> None:
+            p.grad.copy_(grad)  # its kernel takes the gradient in the parameter's dtype
+            opt.step()
+            out.copy_(p.detach())
+        return step
+    return Arm("DeepSpeedCPUAdam", True, ONE_PASS_BYTES + STATE_BYTES["fp32"], make)
+
+
+def copy_bandwidth(nbytes: int, reps: int) -> float:
+    """Bytes read + written per second by ``dst.copy_(src)`` on ``nbytes`` fp32 tensors (median)."""
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def _time_arm(arm: Arm, master0: torch.Tensor, grad: torch.Tensor, warmup: int, reps: int) -> float:
+    step = arm.make(master0, grad)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    del step
+    gc.collect()
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> dict:
+    if not kernel_available():
+        raise SystemExit(f"thruput bench adam: the C++ kernel did not build: {kernel_build_error()}")
+    sizes = [10, 50] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
+    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
+    arms = [_ours("fp32"), _ours("bf16"), _ours("int8"), _torch_peer("fused"), _torch_peer("foreach")]
+    ds = _deepspeed_peer()
+    if isinstance(ds, Arm):
+        arms.append(ds)
+    load_before = os.getloadavg()
+    bandwidth = copy_bandwidth(1 << 30 if not args.quick else 1 << 28, reps=max(reps, 5))
+    result: dict = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "copy_bandwidth_GBps": bandwidth / 1e9},
+        "workload": "bf16 grad in, fp32 AdamW master step, bf16 param out; median of "
+                    f"{reps} steps after {warmup} warm-up",
+        "deepspeed": "present" if isinstance(ds, Arm) else ds,
+        "sizes": {},
+    }
+    table = Table(title=f"offload AdamW update, copy bandwidth {bandwidth / 1e9:.1f} GB/s (read+write)")
+    for col in ("params", "implementation", "ms/step", "Mparam/s", "B/param", "GB/s", "of copy bw", "vs best peer"):
+        table.add_column(col, justify="right")
+    for millions in sizes:
+        n = millions * 1_000_000
+        gen = torch.Generator().manual_seed(0)
+        master0 = torch.randn(n, generator=gen)
+        grad = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
+        rows = {}
+        for arm in arms:
+            sec = _time_arm(arm, master0, grad, warmup, reps)
+            rate = n / sec
+            rows[arm.name] = {"peer": arm.peer, "ms_per_step": 1e3 * sec, "Mparam_per_s": rate / 1e6,
+                              "bytes_per_param": arm.bytes_per_param, "GBps": rate * arm.bytes_per_param / 1e9,
+                              "bandwidth_fraction": rate * arm.bytes_per_param / bandwidth}
+        del master0, grad
+        gc.collect()
+        best_peer = max((k for k, v in rows.items() if v["peer"]), key=lambda k: rows[k]["Mparam_per_s"])
+        peer_rate = rows[best_peer]["Mparam_per_s"]
+        for v in rows.values():
+            v["vs_best_peer"] = v["Mparam_per_s"] / peer_rate
+        lowp = max(("thruput bf16 states", "thruput int8 states"), key=lambda k: rows[k]["Mparam_per_s"])
+        result["sizes"][f"{millions}M"] = {
+            "arms": rows, "best_peer": best_peer, "best_lowp": lowp,
+            "fp32_vs_best_peer": rows["thruput fp32 states"]["vs_best_peer"],
+            "lowp_vs_best_peer": rows[lowp]["vs_best_peer"],
+        }
+        for name, v in rows.items():
+            table.add_row(f"{millions}M", name, f"{v['ms_per_step']:.1f}", f"{v['Mparam_per_s']:.0f}",
+                          f"{v['bytes_per_param']:.1f}", f"{v['GBps']:.1f}", f"{100 * v['bandwidth_fraction']:.0f}%",
+                          f"{v['vs_best_peer']:.2f}x")
+    per_size = result["sizes"].values()
+    # Headline figures: the worst size, so no size is hidden behind an average.
+    result["thruput_fp32_vs_best_peer"] = min(s["fp32_vs_best_peer"] for s in per_size)
+    result["thruput_lowp_vs_best_peer"] = min(s["lowp_vs_best_peer"] for s in per_size)
+    result["thruput_fp32_bandwidth_fraction"] = min(s["arms"]["thruput fp32 states"]["bandwidth_fraction"]
+                                                    for s in per_size)
+    result["machine"]["loadavg_before_after"] = [load_before[0], os.getloadavg()[0]]
+    Console().print(table)
+    Console().print(f"fp32 states vs best peer {result['thruput_fp32_vs_best_peer']:.2f}x (goal 1.5), "
+                    f"low-precision states {result['thruput_lowp_vs_best_peer']:.2f}x (goal 2.0), "
+                    f"fp32 at {100 * result['thruput_fp32_bandwidth_fraction']:.0f}% of copy bandwidth (goal 85%); "
+                    f"DeepSpeedCPUAdam {result['deepspeed']}; load average {load_before[0]:.1f} before")
+    return result
