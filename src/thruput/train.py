@@ -341,6 +341,7 @@ def _attribute_offload(prof: StepProfiler, optimizer: torch.optim.Optimizer) -> 
 
 def _save(cfg: RunConfig, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: Any, loader: Any, prof: StepProfiler, result: TrainResult) -> Path:
+    getattr(optimizer, "flush", lambda: None)()  # OffloadAdamW: a delayed update lands before the weights are saved
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "profiler": prof.state_dict(),
              "losses": list(result.losses), "useful_tokens": result.useful_tokens}
