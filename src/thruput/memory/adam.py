@@ -6,14 +6,18 @@ the parameter, all in one pass. Two implementations compute the same thing:
 
 * ``"cpp"``: a C++ extension (``csrc/adam.cpp``), JIT-built once with torch.utils.cpp_extension
   and cached in the torch extensions directory; vectorised and multi-threaded.
-* ``"torch"``: a pure-torch fallback, used when there is no compiler (with a warning).
+* ``"torch"``: a pure-torch fallback (``_adam_torch.py``), used when there is no compiler (with a
+  warning).
 
 Both do the fp32 arithmetic of torch.optim.AdamW's single-tensor step operation by operation
 (its lerp and addcmul are fused multiply-adds; the C++ is built with ``-ffp-contract=off`` and
 calls ``fma`` exactly there), with every operation correctly rounded. The two implementations
 therefore agree bit for bit, including stochastic-rounding decisions, which come from a
-counter-based hash of (step, element index). torch.optim.AdamW itself differs from them by an
-ulp here and there, because its vectorised fp32 sqrt is not correctly rounded on every CPU.
+counter-based hash of (step, element index within the flat tensor: a shard draws different
+noise than the whole). They match torch.optim.AdamW(fused=True) on parameters bit for bit; the
+default single-tensor AdamW differs by an ulp here and there, because its vectorised fp32 sqrt
+is not correctly rounded on every CPU. Steps with non-finite gradients are the caller's to skip
+(as a loss scaler does): they leave non-finite moments, and 8-bit blocks do not encode NaN.
 
 State formats (``AdamState``):
 
@@ -37,13 +41,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from thruput.memory._adam_torch import (BLOCK, decode_m, decode_v, encode_m, encode_v, fmix32, n_blocks,
+                                        sqrt_exact, torch_step)
+
 __all__ = ["STATE_DTYPES", "AdamState", "adamw_step", "kernel_available", "kernel_build_error"]
 
 STATE_DTYPES = ("fp32", "bf16", "int8")
-BLOCK = 256  # elements per 8-bit quantisation block
 _GRAD_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_M32 = 0xFFFFFFFF
-_M_LEVELS, _V_LEVELS = 127, 255
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +87,7 @@ class AdamState:
             return torch.zeros(n, dtype=dtype, pin_memory=pin)
 
         if state_dtype == "int8":
-            nb = _n_blocks(numel)
+            nb = n_blocks(numel)
             return cls(state_dtype, numel, zeros(numel, torch.int8), zeros(numel, torch.uint8),
                        zeros(nb, torch.float32), zeros(nb, torch.float32))
         dtype = torch.float32 if state_dtype == "fp32" else torch.bfloat16
@@ -93,7 +97,7 @@ class AdamState:
         """(exp_avg, exp_avg_sq) decoded as new fp32 1-D tensors."""
         if self.state_dtype != "int8":
             return self.exp_avg.float().clone(), self.exp_avg_sq.float().clone()
-        return _decode_m(self.exp_avg, self.exp_avg_scale), _decode_v(self.exp_avg_sq, self.exp_avg_sq_scale)
+        return decode_m(self.exp_avg, self.exp_avg_scale), decode_v(self.exp_avg_sq, self.exp_avg_sq_scale)
 
     @classmethod
     def from_fp32(cls, exp_avg: Tensor, exp_avg_sq: Tensor, state_dtype: str) -> AdamState:
@@ -112,8 +116,8 @@ class AdamState:
         if state_dtype == "bf16":
             return cls("bf16", m.numel(), m.to(torch.bfloat16), v.to(torch.bfloat16))
         half = torch.full((m.numel(),), 1 << 15, dtype=torch.int64)  # r = 0.5: round to nearest
-        qm, sm = _encode_m(m, half)
-        qv, sv = _encode_v(_sqrt(v), half)
+        qm, sm = encode_m(m, half)
+        qv, sv = encode_v(sqrt_exact(v), half)
         return cls("int8", m.numel(), qm, qv, sm, sv)
 
     def state_dict(self) -> dict[str, Tensor | str | int]:
@@ -149,8 +153,8 @@ class AdamState:
         """Raise ValueError unless dtypes, lengths and layout match ``state_dtype`` and ``numel``."""
         if self.state_dtype == "int8":
             want = [(self.exp_avg, torch.int8, self.numel), (self.exp_avg_sq, torch.uint8, self.numel),
-                    (self.exp_avg_scale, torch.float32, _n_blocks(self.numel)),
-                    (self.exp_avg_sq_scale, torch.float32, _n_blocks(self.numel))]
+                    (self.exp_avg_scale, torch.float32, n_blocks(self.numel)),
+                    (self.exp_avg_sq_scale, torch.float32, n_blocks(self.numel))]
         else:
             dtype = torch.float32 if self.state_dtype == "fp32" else torch.bfloat16
             want = [(self.exp_avg, dtype, self.numel), (self.exp_avg_sq, dtype, self.numel)]
@@ -165,10 +169,6 @@ class AdamState:
 def _check_state_dtype(state_dtype: str) -> None:
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"unknown state_dtype {state_dtype!r}; expected one of {STATE_DTYPES}")
-
-
-def _n_blocks(numel: int) -> int:
-    return (numel + BLOCK - 1) // BLOCK
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
         ext.adamw_step(master, grad, param_out, state.state_dtype, state.exp_avg, state.exp_avg_sq,
                        state.exp_avg_scale, state.exp_avg_sq_scale, *hyper.as_args())
     else:
-        _torch_step(master, grad, state, param_out, hyper)
+        torch_step(master, grad, state, param_out, hyper)
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class _Hyper:
             raise ValueError(f"adamw_step: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         return cls(1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
                    lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), eps, float(grad_scale),
-                   _fmix32((step * 0x9E3779B9) & _M32))
+                   fmix32((step * 0x9E3779B9) & 0xFFFFFFFF))
 
     def as_args(self) -> tuple:
         return (self.decay, self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2,
@@ -269,130 +269,6 @@ def _check_flat(name: str, t: Tensor, dtypes: tuple[torch.dtype, ...], numel: in
                          f"strides {t.stride()}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"adamw_step: {name} has {t.numel()} elements but master has {numel}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure-torch fallback: the fp32 operations (and fused multiply-adds) of torch.optim.AdamW's
-# single-tensor path, each one correctly rounded, which the C++ repeats in the same order.
-# ---------------------------------------------------------------------------------------------
-
-
-def _torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None, h: _Hyper) -> None:
-    g = grad.float()
-    if h.grad_scale != 1.0:
-        g = g / h.grad_scale
-    m, v = state.to_fp32()
-    master.mul_(h.decay)
-    m.lerp_(g, h.one_minus_beta1)  # fma(w, g - m, m), as torch.optim.AdamW does
-    v.mul_(h.beta2).addcmul_(g, g, value=h.one_minus_beta2)  # fma(c * g, g, v * beta2)
-    u = _sqrt(v)
-    denom = u / h.bc2_sqrt + h.eps
-    master.add_((m * -h.step_size) / denom)
-    if param_out is not None:
-        param_out.copy_(master)
-    if state.state_dtype == "fp32":
-        state.exp_avg.copy_(m)
-        state.exp_avg_sq.copy_(v)
-        return
-    rand = _hash32(torch.arange(master.numel(), dtype=torch.int64), h.seed)
-    r_m, r_v = rand & 0xFFFF, rand >> 16
-    if state.state_dtype == "bf16":
-        state.exp_avg.copy_(_round_bf16_stochastic(m, r_m))
-        state.exp_avg_sq.copy_(_round_bf16_stochastic(v, r_v))
-        return
-    qm, sm = _encode_m(m, r_m)
-    qv, sv = _encode_v(u, r_v)
-    state.exp_avg.copy_(qm)
-    state.exp_avg_scale.copy_(sm)
-    state.exp_avg_sq.copy_(qv)
-    state.exp_avg_sq_scale.copy_(sv)
-
-
-def _sqrt(x: Tensor) -> Tensor:
-    """Correctly rounded fp32 sqrt (torch's vectorised fp32 sqrt is not, on some CPUs)."""
-    return x.double().sqrt_().float()
-
-
-def _fmix32(x: int) -> int:
-    """murmur3's 32-bit finaliser on a Python int."""
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _M32
-    return x ^ (x >> 16)
-
-
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32) without overflowing int64."""
-    lo = x * (c & 0xFFFF)
-    hi = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (lo + hi) & _M32
-
-
-def _hash32(idx: Tensor, seed: int) -> Tensor:
-    """fmix32((lo32(i) * golden) ^ hi32(i) * k ^ seed): 32 random bits per element index, as int64."""
-    x = _mul32(idx & _M32, 0x9E3779B1) ^ _mul32(idx >> 32, 0x7FEB352D) ^ seed
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def _round_bf16_stochastic(x: Tensor, r16: Tensor) -> Tensor:
-    """fp32 -> bf16 rounding the magnitude up with probability (dropped bits) / 2**16."""
-    bits = (x.view(torch.int32).to(torch.int64) & _M32) + r16
-    hi = (bits >> 16) & 0xFFFF
-    return ((hi ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
-
-
-def _blocks(x: Tensor) -> Tensor:
-    """View (or zero-padded copy) of a 1-D tensor as (n_blocks, BLOCK)."""
-    pad = _n_blocks(x.numel()) * BLOCK - x.numel()
-    return torch.nn.functional.pad(x, (0, pad)).view(-1, BLOCK) if pad else x.view(-1, BLOCK)
-
-
-def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
-    """Code q in [0, levels] with q**2 ~= y (y in units of the block scale), unbiased in value:
-    t = floor(sqrt(y)) rounds up to t + 1 with probability (y - t**2) / (2t + 1)."""
-    t = torch.clamp(torch.floor(_sqrt(y)), max=levels - 1)
-    r = r16.to(torch.float32) * (1.0 / 65536.0)
-    return t + (r * (t * 2.0 + 1.0) < y - t * t).to(torch.float32)
-
-
-def _encode_blocks(x: Tensor, r16: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-block scale = max|x| / levels**2 and codes of |x|."""
-    xb, rb = _blocks(x).abs(), _blocks(r16)
-    scale = xb.amax(dim=1) / float(levels * levels)
-    # A zero or subnormal scale gives all-zero codes (inv = 0), and keeps |x| * inv finite.
-    normal = scale >= torch.finfo(torch.float32).tiny
-    inv = torch.where(normal, 1.0 / torch.where(normal, scale, 1.0), 0.0)
-    return _stochastic_sq_code(xb * inv[:, None], rb, levels), xb, scale
-
-
-def _encode_m(m: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
-    """Signed 8-bit codes and per-block scales s with m ~= s * q * |q|."""
-    q, _, scale = _encode_blocks(m, r16, _M_LEVELS)
-    q = torch.where(_blocks(m) < 0, -q, q)
-    return q.to(torch.int8).flatten()[: m.numel()], scale
-
-
-def _encode_v(u: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
-    """Unsigned 8-bit codes and per-block scales s with sqrt(v) = u ~= s * q**2; q >= 1 where u > 0."""
-    q, ub, scale = _encode_blocks(u, r16, _V_LEVELS)
-    q = torch.where((ub > 0) & (q == 0), torch.ones_like(q), q)
-    return q.to(torch.uint8).flatten()[: u.numel()], scale
-
-
-def _decode_m(codes: Tensor, scale: Tensor) -> Tensor:
-    q = codes.to(torch.int32)
-    return ((q * q.abs()).to(torch.float32).view(-1) * scale.repeat_interleave(BLOCK)[: codes.numel()])
-
-
-def _decode_v(codes: Tensor, scale: Tensor) -> Tensor:
-    q = codes.to(torch.int32)
-    u = (q * q).to(torch.float32) * scale.repeat_interleave(BLOCK)[: codes.numel()]
-    return u * u
 
 
 # ---------------------------------------------------------------------------------------------
