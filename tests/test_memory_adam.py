@@ -99,6 +99,23 @@ def test_cpp_and_torch_agree_with_small_beta1(cpp: None) -> None:
     assert all(torch.equal(x, y) for x, y in zip(*results))
 
 
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+def test_shards_with_index_offset_reproduce_the_whole(cpp: None, state_dtype: str) -> None:
+    n, cut = 5 * adam.BLOCK + 9, 2 * adam.BLOCK
+    whole_master, whole_state, _ = _run("torch", n, state_dtype, 3)
+    gen = torch.Generator().manual_seed(1)
+    master = torch.randn(n, generator=gen)
+    shards = [(master[:cut], AdamState.create(cut, state_dtype), 0, "cpp"),
+              (master[cut:], AdamState.create(n - cut, state_dtype), cut, "torch")]
+    for t in range(1, 4):
+        g = torch.randn(n, generator=gen) * 0.1
+        for shard, state, offset, impl in shards:
+            adamw_step(shard, g[offset:offset + shard.numel()], state, step=t, impl=impl, index_offset=offset, **HP)
+    assert torch.equal(master, whole_master)
+    for whole, *parts in zip(whole_state.to_fp32(), *(s[1].to_fp32() for s in shards)):
+        assert torch.equal(whole, torch.cat(parts))
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_param_out_is_master_rounded_to_nearest(cpp: None, out_dtype: torch.dtype) -> None:
     master, _, out = _run("cpp", 5000, "fp32", 2, torch.bfloat16, out_dtype)
@@ -218,6 +235,7 @@ def test_low_precision_states_converge_like_fp32(cpp: None) -> None:
     (dict(impl="cuda"), "impl must be"),
     (dict(grad_scale=0.0), "grad_scale must be finite"),
     (dict(beta2=1.0), "beta2 must be in"),
+    (dict(index_offset=100), "index_offset must be a non-negative multiple of 256"),
 ])
 def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
     args = dict(master=torch.zeros(8), grad=torch.zeros(8), state=AdamState.create(8), param_out=None,

@@ -43,7 +43,7 @@ def torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
         state.exp_avg.copy_(m)
         state.exp_avg_sq.copy_(v)
         return
-    rand = hash32(torch.arange(master.numel(), dtype=torch.int64), h.seed)
+    rand = hash32(torch.arange(h.index_offset, h.index_offset + master.numel(), dtype=torch.int64), h.seed)
     r_m, r_v = rand & 0xFFFF, rand >> 16
     if state.state_dtype == "bf16":
         state.exp_avg.copy_(round_bf16_stochastic(m, r_m))

@@ -178,7 +178,7 @@ def _check_state_dtype(state_dtype: str) -> None:
 
 def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None = None, *,
                step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               grad_scale: float = 1.0, impl: str = "auto") -> None:
+               grad_scale: float = 1.0, impl: str = "auto", index_offset: int = 0) -> None:
     """One in-place AdamW update over flat contiguous CPU tensors.
 
     master: fp32 1-D; grad: bf16/fp16/fp32 1-D of the same numel, divided by ``grad_scale``
@@ -187,12 +187,18 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     step count used for bias correction; it also seeds stochastic rounding, so a run is
     reproducible. Decoupled weight decay exactly like torch.optim.AdamW.
 
+    index_offset: where ``master[0]`` sits in a larger flat tensor that this call updates a
+    shard of (a multiple of 256, so 8-bit blocks line up). Stochastic rounding draws its noise
+    by global index, so shards cut at multiples of 256 reproduce the unsharded bits exactly.
+
     impl: "auto" (C++ if it builds, else torch with a warning), "cpp" (RuntimeError naming the
     build failure if it cannot be built), or "torch". Bad dtypes, lengths, devices or layouts
     raise ValueError naming the argument.
     """
     _check_args(master, grad, state, param_out, step, grad_scale, impl)
-    hyper = _Hyper.make(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+    if not isinstance(index_offset, int) or index_offset < 0 or index_offset % BLOCK:
+        raise ValueError(f"adamw_step: index_offset must be a non-negative multiple of {BLOCK}, got {index_offset!r}")
+    hyper = _Hyper.make(step, lr, beta1, beta2, eps, weight_decay, grad_scale, index_offset)
     if impl == "auto":
         impl = "cpp" if kernel_available() else "torch"
         if impl == "torch":
@@ -219,10 +225,11 @@ class _Hyper:
     eps: float
     grad_scale: float
     seed: int             # 32-bit stochastic-rounding seed for this step
+    index_offset: int     # global index of master[0], for the stochastic-rounding hash
 
     @classmethod
     def make(cls, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-             grad_scale: float) -> _Hyper:
+             grad_scale: float, index_offset: int = 0) -> _Hyper:
         for name, val, lo, hi in (("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0)):
             if not lo <= val < hi:
                 raise ValueError(f"adamw_step: {name} must be in [0, 1), got {val}")
@@ -230,11 +237,11 @@ class _Hyper:
             raise ValueError(f"adamw_step: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         return cls(1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
                    lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), eps, float(grad_scale),
-                   fmix32((step * 0x9E3779B9) & 0xFFFFFFFF))
+                   fmix32((step * 0x9E3779B9) & 0xFFFFFFFF), index_offset)
 
     def as_args(self) -> tuple:
         return (self.decay, self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2,
-                self.step_size, self.bc2_sqrt, self.eps, self.grad_scale, self.seed)
+                self.step_size, self.bc2_sqrt, self.eps, self.grad_scale, self.seed, self.index_offset)
 
 
 def _check_args(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None, step: int,

@@ -31,6 +31,7 @@ struct Hyper {
   float decay, lerp_coef, beta2, c2, neg_step_size, bc2_sqrt, eps, grad_scale;
   bool lerp_from_m;  // torch's lerp(m, g, w): fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g)
   uint32_t seed;
+  int64_t index_offset;  // global index of master[0] (a multiple of 256), for the rounding hash
 };
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -203,7 +204,7 @@ void run_chunk(const Args& a, int64_t chunk) {
   } else if constexpr (F == Format::kBf16) {
     uint16_t* __restrict mq = static_cast<uint16_t*>(a.m) + i0;
     uint16_t* __restrict vq = static_cast<uint16_t*>(a.v) + i0;
-    const Rng rng(static_cast<uint64_t>(i0), h.seed);
+    const Rng rng(static_cast<uint64_t>(h.index_offset + i0), h.seed);
     for (int64_t k = 0; k < n; ++k) {
       float m = bits_to_float(static_cast<uint32_t>(mq[k]) << 16);
       float v = bits_to_float(static_cast<uint32_t>(vq[k]) << 16);
@@ -234,7 +235,7 @@ void run_chunk(const Args& a, int64_t chunk) {
     // makes every code 0 and keeps |x| * inv finite, which sq_code needs.
     const float inv_m = scale_m >= FLT_MIN ? 1.0f / scale_m : 0.0f;
     const float inv_v = scale_v >= FLT_MIN ? 1.0f / scale_v : 0.0f;
-    const Rng rng(static_cast<uint64_t>(i0), h.seed);
+    const Rng rng(static_cast<uint64_t>(h.index_offset + i0), h.seed);
     for (int64_t k = 0; k < n; ++k) {
       const uint32_t r = rng.at(k);
       const float cm = sq_code(std::fabs(mb[k]) * inv_m, r & 0xFFFFu, 126.0f);
@@ -264,7 +265,8 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
                 const std::string& state_dtype, at::Tensor exp_avg, at::Tensor exp_avg_sq,
                 c10::optional<at::Tensor> exp_avg_scale, c10::optional<at::Tensor> exp_avg_sq_scale,
                 double decay, double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
-                double step_size, double bc2_sqrt, double eps, double grad_scale, int64_t seed) {
+                double step_size, double bc2_sqrt, double eps, double grad_scale, int64_t seed,
+                int64_t index_offset) {
   // Shapes, dtypes and layout are validated in Python (adam.py); these guard direct misuse.
   TORCH_CHECK(master.is_contiguous() && master.scalar_type() == at::kFloat, "adamw_step: master must be contiguous fp32");
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == master.numel(), "adamw_step: grad must be contiguous, numel of master");
@@ -284,7 +286,9 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
   const float w = static_cast<float>(one_minus_beta1);
   a.h = Hyper{static_cast<float>(decay), w < 0.5f ? w : w - 1.0f, static_cast<float>(beta2),
               static_cast<float>(one_minus_beta2), -static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
-              static_cast<float>(eps), static_cast<float>(grad_scale), w < 0.5f, static_cast<uint32_t>(seed)};
+              static_cast<float>(eps), static_cast<float>(grad_scale), w < 0.5f, static_cast<uint32_t>(seed),
+              index_offset};
+  TORCH_CHECK(index_offset >= 0 && index_offset % kBlock == 0, "adamw_step: index_offset must be a multiple of 256");
   if (state_dtype == "fp32") {
     TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat, "fp32 states expected");
     run_all<Format::kFp32>(a);
