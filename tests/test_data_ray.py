@@ -154,27 +154,41 @@ def covered(per_rank):
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_elastic_resume_rebalances_without_loss_or_duplicates(ray_address, backend, before, after):
     plan = make_plan(world_size=2)
+    opts = ray_opts(ray_address)  # one run id: the resumed session shares the first one's planner and loaders
 
-    def run(world_size, n, state=None):
+    def start(world_size, state=None):
         if backend == "ray":
-            loaders = ray_loaders(plan, world_size, ray_opts(ray_address), state)
-        else:
-            loaders = [Loader(plan, rank=r, world_size=world_size, backend="process") for r in range(world_size)]
-            for loader in loaders:
-                if state is not None:
-                    loader.load_state_dict(state)
-        try:
-            batches = take_together(loaders, n)
-            assert all(loader.state_dict() == loaders[0].state_dict() for loader in loaders)
-            return batches, loaders[0].state_dict()
-        finally:
-            close_all(loaders)
+            return ray_loaders(plan, world_size, opts, state)
+        # forkserver: forking the test process, whose Ray client runs gRPC threads, can deadlock a worker
+        workers = {"start_method": "forkserver"}
+        loaders = [Loader(plan, rank=r, world_size=world_size, backend="process", workers=workers) for r in range(world_size)]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        return loaders
 
-    head, state = run(before, 4)
-    tail, _ = run(after, 5, state)
+    first = start(before)
+    resumed = []
+    try:
+        head = take_together(first, 4)
+        state = first[0].state_dict()
+        assert all(loader.state_dict() == state for loader in first)
+        resumed = start(after, state)
+        tail = take_together(resumed, 5)
+    finally:
+        close_all(first + resumed)
     uninterrupted = reference(plan, before, 9)
     assert all(same(a, b) for r in range(before) for a, b in zip(head[r], uninterrupted[r]))  # parity with inline
     got, want = covered(tail), covered([b[4:] for b in uninterrupted])
     assert got == want  # every token of steps 4..8 exactly once (no duplicate positions), none missing
     assert all(len(v) == len(set(v)) for v in got.values())
     assert all(b["input_ids"].shape == (8 // after, 32) for b in tail[0])
+
+
+def test_pool_sizes_follow_measured_cost_and_demand_within_the_budget():
+    from thruput.data.ray_roles import pool_sizes
+
+    assert pool_sizes([0.0, 0.0, 0.0], [0, 0, 0], 8, 1, 4) == [1, 1, 1]  # nothing measured yet
+    assert pool_sizes([1e-6, 20e-6], [100, 100], 8, 1, 6) == [1, 6]  # 20x costlier source, capped at max
+    assert pool_sizes([1e-6, 1e-6], [300, 100], 4, 1, 4) == [3, 1]  # same cost, 3x the demand
+    assert sum(pool_sizes([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1], 6, 1, 8)) == 6

@@ -203,12 +203,12 @@ class RayBackend:
         if self._session is None:
             return
         key, _ = self._session
-        self._session = None
+        self._session = None  # first: a batch() waiting in another thread gives up
         try:
-            self._last_stats = self.stats()
-            if ray.get(self.planner.release.remote(key, self.rank)):
+            self._last_stats = ray.get(self.planner.stats.remote(), timeout=10)
+            if ray.get(self.planner.release.remote(key, self.rank), timeout=10):
                 ray.kill(self.planner)
-        except RayActorError:
+        except (RayActorError, ray.exceptions.GetTimeoutError):
             pass  # already gone: nothing left to release
 
     # --- data -------------------------------------------------------------------------------------
