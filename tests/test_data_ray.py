@@ -113,7 +113,8 @@ def test_source_that_keeps_crashing_stops_the_run_with_a_clear_error(ray_address
     # cannot import this test module, and cloudpickle sends lambdas by value).
     bad = MemorySource("bad", [[i] for i in range(12)], transform=lambda r: os._exit(3) if r == [5] else r)
     plan = Plan([bad, MemorySource("ok", [[1, 2, 3]] * 12)], seq_len=4, tokens_per_batch=8, seed=1)
-    with Loader(plan, world_size=1, backend="ray", workers=ray_opts(ray_address, chunk_docs=2, max_failures=1)) as loader:
+    opts = ray_opts(ray_address, chunk_docs=2, max_failures=1)
+    with Loader(plan, world_size=1, backend="ray", workers=opts) as loader:
         with pytest.raises(DataError, match=r"source 'bad': its loader actors died 2 times \(max_failures=1\)"):
             take(loader, 40)
 
@@ -161,7 +162,8 @@ def test_elastic_resume_rebalances_without_loss_or_duplicates(ray_address, backe
             return ray_loaders(plan, world_size, opts, state)
         # forkserver: forking the test process, whose Ray client runs gRPC threads, can deadlock a worker
         workers = {"start_method": "forkserver"}
-        loaders = [Loader(plan, rank=r, world_size=world_size, backend="process", workers=workers) for r in range(world_size)]
+        loaders = [Loader(plan, rank=r, world_size=world_size, backend="process", workers=workers)
+                   for r in range(world_size)]
         for loader in loaders:
             if state is not None:
                 loader.load_state_dict(state)

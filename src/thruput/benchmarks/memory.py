@@ -35,7 +35,7 @@ from rich.table import Table
 
 from thruput.data.sources import Source
 
-DESCRIPTION = "total PSS of data-loading processes, R ranks x S sources: thruput on Ray vs torch DataLoader (goal >= 3.6 at R4_S8)"
+DESCRIPTION = "PSS of all data-loading processes, R ranks x S sources: thruput on Ray vs torch DataLoader (goal >= 3.6)"
 
 SEQ_LEN = 512
 ROWS_PER_RANK = 2
@@ -140,7 +140,8 @@ def _cell_thruput(ranks: int, sources: int, state_mb: int, steps: int, shadows: 
     pids = loaders[0].backend.pids()
     stats = loaders[0].stats()
     total, per = descendants_pss()
-    roles = [pids["planner"], *pids["shadows"], *pids["constructors"], *(p for ps in pids["loaders"].values() for p in ps)]
+    loaders = [p for ps in pids["loaders"].values() for p in ps]
+    roles = [pids["planner"], *pids["shadows"], *pids["constructors"], *loaders]
     actors = sum(per.get(p, 0) for p in roles)
     for loader in loaders:
         loader.close()
@@ -268,11 +269,14 @@ def run(args: argparse.Namespace) -> dict:
             "rows_per_rank": ROWS_PER_RANK,
         },
     }
-    table = Table(title=f"data-loading PSS, MiB (source state {args.source_mb} MiB, torch: {args.workers} workers/rank)")
-    for col in ("cell", "thruput total", "of which Ray system", "of which actors", "torch DataLoader", "torch / thruput"):
+    title = f"data-loading PSS, MiB (source state {args.source_mb} MiB, torch: {args.workers} workers/rank)"
+    table = Table(title=title)
+    columns = ("cell", "thruput total", "of which Ray system", "of which actors", "torch DataLoader", "torch / thruput")
+    for col in columns:
         table.add_column(col, justify="right")
     mib = 2**20
-    table.add_row("Ray alone, no sources", f"{idle['total_bytes'] / mib:.0f}", f"{idle['total_bytes'] / mib:.0f}", "0", "-", "-")
+    idle_mib = f"{idle['total_bytes'] / mib:.0f}"
+    table.add_row("Ray alone, no sources", idle_mib, idle_mib, "0", "-", "-")
     for ranks, sources in cells:
         key = f"R{ranks}_S{sources}"
         ours = _run_cell({"kind": "thruput", "ranks": ranks, "sources": sources, "shadows": args.shadows, **common})
@@ -292,7 +296,8 @@ def run(args: argparse.Namespace) -> dict:
     console.print(table)
     ck = result["checkpoint"]
     console.print(
-        f"loader checkpoint, {ck['sources']} sources, every {ck['every_steps']} steps: full {ck['full']['bytes_per_save']:.0f} B "
+        f"loader checkpoint, {ck['sources']} sources, every {ck['every_steps']} steps: "
+        f"full {ck['full']['bytes_per_save']:.0f} B "
         f"in {1e3 * ck['full']['seconds_per_save']:.2f} ms, delta {ck['delta']['bytes_per_save']:.0f} B "
         f"in {1e3 * ck['delta']['seconds_per_save']:.2f} ms"
     )

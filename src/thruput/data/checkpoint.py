@@ -127,7 +127,9 @@ class DeltaCheckpointer:
 
     def __init__(self, directory: str | Path, every: int = 1, full_every: int = 16, keep: int = 2) -> None:
         if every < 1 or full_every < 0 or keep < 1:
-            raise DataError(f"checkpoint: need every >= 1, full_every >= 0, keep >= 1; got {every}, {full_every}, {keep}")
+            raise DataError(
+                f"checkpoint: need every >= 1, full_every >= 0, keep >= 1; got {every}, {full_every}, {keep}"
+            )
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.every, self.full_every, self.keep = every, full_every, keep

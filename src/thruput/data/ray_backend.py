@@ -32,7 +32,8 @@ import torch
 from ray.exceptions import RayActorError, RayTaskError
 
 from thruput.data.errors import DataError
-from thruput.data.ray_roles import PLANNER_NAME, Planner, data_error, plan_fingerprint
+from thruput.data.ray_constructor import data_error
+from thruput.data.ray_roles import PLANNER_NAME, Planner, plan_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ class RayBackend:
                 self._session = got
                 return
             if time.monotonic() > deadline:
-                raise DataError(f"ray backend: could not open a session with the planner in namespace {self.namespace!r}")
+                raise DataError(f"ray backend: no session opened with the planner in namespace {self.namespace!r}")
             time.sleep(0.2)
 
     def close(self) -> None:
