@@ -194,3 +194,18 @@ def test_pool_sizes_follow_measured_cost_and_demand_within_the_budget():
     assert pool_sizes([1e-6, 20e-6], [100, 100], 8, 1, 6) == [1, 6]  # 20x costlier source, capped at max
     assert pool_sizes([1e-6, 1e-6], [300, 100], 4, 1, 4) == [3, 1]  # same cost, 3x the demand
     assert sum(pool_sizes([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1], 6, 1, 8)) == 6
+
+
+def test_pools_grow_for_the_costly_source(ray_address):
+    # "slow" burns ~20x the CPU per token of "fast"; after a few steps the planner's measured
+    # cost gives it the second loader the budget allows.
+    slow = MemorySource("slow", [f"doc {i} " * 8 for i in range(50)], transform=lambda r: (sum(range(40_000)), r)[1])
+    fast = MemorySource("fast", [f"doc {i} " * 8 for i in range(50)])
+    plan = Plan([slow, fast], seq_len=32, tokens_per_batch=64, seed=2)
+    expected = reference(plan, 1, 8)[0]
+    opts = ray_opts(ray_address, cpu_budget=3, max_workers=2, rescale_every=2)
+    with Loader(plan, world_size=1, backend="ray", workers=opts) as loader:
+        got = take(loader, 8)
+        workers = loader.stats()["workers"]
+    assert workers == {"slow": 2, "fast": 1}
+    assert all(same(a, b) for a, b in zip(got, expected))  # resizing never changes the batches
