@@ -65,6 +65,8 @@ def close_all(loaders):
 def test_auto_backend_choice():
     plan = make_plan(world_size=2)
     assert type(Loader(plan, rank=0, world_size=1).backend).__name__ == "ProcessBackend"
+    one_rank = Loader(plan, rank=0, world_size=1, workers={"address": None, "run_id": "x", "min_workers": 2})
+    assert type(one_rank.backend).__name__ == "ProcessBackend" and one_rank.backend.min_workers == 2
     assert type(Loader(plan, rank=0).backend).__name__ == "RayBackend"  # plan.world_size == 2
     assert type(Loader(plan, rank=0, world_size=1, workers={"address": "auto"}).backend).__name__ == "RayBackend"
     assert type(Loader(make_plan(backend="inline"), rank=1).backend).__name__ == "InlineBackend"

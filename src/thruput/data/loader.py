@@ -87,6 +87,8 @@ class Loader:
     def _make_backend(backend: str | Backend, workers: Mapping[str, Any] | None, world_size: int) -> Backend:
         if backend == "auto":
             backend = "ray" if world_size > 1 or (workers or {}).get("address") else "process"
+            if backend == "process":  # the keys that only choose and name a Ray run
+                workers = {k: v for k, v in (workers or {}).items() if k not in ("address", "run_id")}
         if backend == "ray":
             from thruput.data.ray_backend import RayBackend
 
