@@ -94,12 +94,11 @@ def test_gradients_stream_through_hooks_and_training_tracks_torch():
     assert _max_rel_diff(model, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("state_dtype", ["bf16", "int8"])
-def test_low_precision_states_converge_within_2_percent_of_fp32(state_dtype):
-    final = {}
-    for sd in ("fp32", state_dtype):
+def _final_loss(state_dtype: str, _cache: dict[str, float] = {}) -> float:  # noqa: B006 - a memo
+    """Mean loss of the last 10 of 100 steps on learnable rows; asserts that it learned."""
+    if state_dtype not in _cache:
         model = _gpt(seed=1)
-        opt = OffloadAdamW(_groups(model), lr=1e-2, betas=(0.9, 0.95), state_dtype=sd, impl=IMPL)
+        opt = OffloadAdamW(_groups(model), lr=1e-2, betas=(0.9, 0.95), state_dtype=state_dtype, impl=IMPL)
         losses = []
         for step in range(100):
             loss = _loss(model, _pattern_batch(step))
@@ -107,9 +106,15 @@ def test_low_precision_states_converge_within_2_percent_of_fp32(state_dtype):
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
-        final[sd] = sum(losses[-10:]) / 10
-        assert final[sd] < 0.5 * losses[0]  # it learned something
-    assert abs(final[state_dtype] - final["fp32"]) <= 0.02 * final["fp32"]
+        assert sum(losses[-10:]) / 10 < 0.5 * losses[0]
+        _cache[state_dtype] = sum(losses[-10:]) / 10
+    return _cache[state_dtype]
+
+
+@pytest.mark.parametrize("state_dtype", ["bf16", "int8"])
+def test_low_precision_states_converge_within_2_percent_of_fp32(state_dtype):
+    fp32, low = _final_loss("fp32"), _final_loss(state_dtype)
+    assert abs(low - fp32) <= 0.02 * fp32
 
 
 def test_gradient_accumulation_and_clipping_equal_reference():
