@@ -158,19 +158,6 @@ inline float sq_code(float y, uint32_t r16, float levels_minus_1) {
   return t + (r * (t * 2.0f + 1.0f) < y - t * t ? 1.0f : 0.0f);
 }
 
-// max(|x|) with 16 independent lanes: a float max reduction is only vectorised in that shape
-// (the order does not matter: max is exact).
-inline float absmax(const float* x, int64_t n) {
-  float acc[16] = {0.0f};
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16)
-    for (int l = 0; l < 16; ++l) acc[l] = std::max(acc[l], std::fabs(x[k + l]));
-  for (; k < n; ++k) acc[0] = std::max(acc[0], std::fabs(x[k]));
-  float a = 0.0f;
-  for (int l = 0; l < 16; ++l) a = std::max(a, acc[l]);
-  return a;
-}
-
 // ---- one chunk per state format -------------------------------------------------------------
 
 enum class Format { kFp32, kBf16, kInt8 };
@@ -220,6 +207,9 @@ void run_chunk(const Args& a, int64_t chunk) {
     uint8_t* __restrict qv = static_cast<uint8_t*>(a.v) + i0;
     const float sm = a.m_scale[chunk], sv = a.v_scale[chunk];
     alignas(64) float mb[kBlock], ub[kBlock];
+    // max |x| as the max of the bit patterns with the sign cleared: the same order for floats
+    // >= 0 (NaN above all, as torch's amax), and an integer max reduction vectorises.
+    uint32_t max_m = 0, max_u = 0;
     for (int64_t k = 0; k < n; ++k) {
       const int32_t cm = qm[k], cv = qv[k];
       float m = static_cast<float>(cm * std::abs(cm)) * sm;
@@ -227,8 +217,10 @@ void run_chunk(const Args& a, int64_t chunk) {
       float v = u * u;
       ub[k] = adam_elem<kFromM>(p[k], g[k], m, v, h);
       mb[k] = m;
+      max_m = std::max(max_m, float_to_bits(m) & 0x7FFFFFFFu);
+      max_u = std::max(max_u, float_to_bits(ub[k]) & 0x7FFFFFFFu);
     }
-    const float scale_m = absmax(mb, n) / 16129.0f, scale_v = absmax(ub, n) / 65025.0f;
+    const float scale_m = bits_to_float(max_m) / 16129.0f, scale_v = bits_to_float(max_u) / 65025.0f;
     a.m_scale[chunk] = scale_m;
     a.v_scale[chunk] = scale_v;
     // A block whose scale is zero or subnormal (moments below 1e-34) gets all-zero codes: inv = 0
