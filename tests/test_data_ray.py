@@ -129,18 +129,23 @@ def test_source_error_names_file_and_line(ray_address, tmp_path):
             take(loader, 40)
 
 
-def test_planner_death_resumes_from_the_last_checkpoint(ray_address, caplog):
+@pytest.mark.parametrize("victim", ["planner", "constructor"])
+def test_planner_or_constructor_death_resumes_from_the_last_checkpoint(ray_address, caplog, victim):
     plan = make_plan(world_size=1)
     expected = reference(plan, 1, 9)[0]
     opts = ray_opts(ray_address)
     caplog.set_level(logging.WARNING, logger="thruput.data.ray_backend")
     with Loader(plan, world_size=1, backend="ray", workers=opts, prefetch=1) as loader:
         head = take(loader, 3)
-        ray.kill(ray.get_actor("planner", namespace=f"thruput-{opts['run_id']}"))
+        if victim == "planner":
+            ray.kill(ray.get_actor("planner", namespace=f"thruput-{opts['run_id']}"))
+        else:
+            os.kill(loader.backend.pids()["constructors"][0], signal.SIGKILL)
         tail = take(loader, 6)
         assert loader.stats()["recoveries"] == 1
     assert all(same(a, b) for a, b in zip(head + tail, expected))
-    assert "the data planner died at step" in caplog.text and "resumes from its last checkpoint" in caplog.text
+    who = "the data planner" if victim == "planner" else "its data constructor"
+    assert f"{who} died at step" in caplog.text and "resumes from its last checkpoint" in caplog.text
 
 
 def covered(per_rank):

@@ -140,8 +140,8 @@ def _cell_thruput(ranks: int, sources: int, state_mb: int, steps: int, shadows: 
     pids = loaders[0].backend.pids()
     stats = loaders[0].stats()
     total, per = descendants_pss()
-    loaders = [p for ps in pids["loaders"].values() for p in ps]
-    roles = [pids["planner"], *pids["shadows"], *pids["constructors"], *loaders]
+    loader_pids = [p for ps in pids["loaders"].values() for p in ps]
+    roles = [pids["planner"], *pids["shadows"], *pids["constructors"], *loader_pids]
     actors = sum(per.get(p, 0) for p in roles)
     for loader in loaders:
         loader.close()

@@ -180,14 +180,15 @@ class RayBackend:
         self.recoveries = 0
         self._join()
 
-    def _join(self, wait_s: float = 60.0) -> None:
+    def _join(self, suspect: str | None = None, wait_s: float = 60.0) -> None:
         deadline = time.monotonic() + wait_s
         while True:
             self.planner = Planner.options(
                 name=PLANNER_NAME, namespace=self.namespace, get_if_exists=True, lifetime="detached"
             ).remote(self.plan, self.fingerprint, self.options)
             try:
-                got = ray.get(self.planner.open.remote(self.fingerprint, self.world_size, self._state, self.rank))
+                opening = self.planner.open.remote(self.fingerprint, self.world_size, self._state, self.rank, suspect)
+                got = ray.get(opening)
             except RayTaskError as exc:
                 raise data_error(exc) from None
             except RayActorError:
@@ -255,12 +256,7 @@ class RayBackend:
             "(the state after step %d) and rebuilds the data plane",
             who, step, self.namespace, self.rank, step - 1,
         )
-        key, _ = self._session
-        try:
-            ray.get(self.planner.release.remote(key, self.rank), timeout=10)
-        except (RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-        self._join()
+        self._join(suspect=self._session[0])  # the planner drops the dead session, if it still lives
 
     def stats(self) -> dict[str, Any]:
         """Pool sizes, measured CPU s per token, loader failures and takeovers (last known if closed)."""

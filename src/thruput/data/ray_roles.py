@@ -135,8 +135,13 @@ class Planner:
 
     # --- sessions -------------------------------------------------------------------------------
 
-    def open(self, fingerprint: str, world_size: int, state: Mapping[str, Any], rank: int) -> tuple[str, Any] | None:
-        """The session (key, constructor) for ``world_size`` ranks from ``state``; None while closing."""
+    def open(
+        self, fingerprint: str, world_size: int, state: Mapping[str, Any], rank: int, suspect: str | None = None
+    ) -> tuple[str, Any] | None:
+        """The session (key, constructor) for ``world_size`` ranks from ``state``; None while closing.
+
+        ``suspect``: a session whose constructor a rank saw die; it is dropped if it does not answer.
+        """
         if fingerprint != self.fingerprint:
             raise DataError(
                 "ray backend: this rank's plan differs from the plan the run's planner was started with "
@@ -151,6 +156,13 @@ class Planner:
                 except RayTaskError as exc:
                     raise data_error(exc) from None
                 self._adopting = []
+            stale = self.sessions.get(suspect) if suspect else None
+            if stale is not None:
+                try:
+                    ray.get(stale["constructor"].pid.remote(), timeout=10)
+                except (RayActorError, ray.exceptions.GetTimeoutError):
+                    ray.kill(stale["constructor"])
+                    del self.sessions[suspect]
             key = session_key(world_size, state)
             session = self.sessions.get(key)
             if session is None:
@@ -200,9 +212,12 @@ class Planner:
                         f"(max_failures={self.opts['max_failures']}); the source keeps failing, stopping"
                     )
                 shadow = self.shadows.pop(0) if self.shadows else SourceLoader.remote()
-                self.shadows.append(SourceLoader.remote())  # the next shadow warms up in the background
+                if len(self.shadows) < self.opts["shadows"]:
+                    self.shadows.append(SourceLoader.remote())  # the next shadow warms up in the background
                 try:
                     ray.get(self._add_loader(name, shadow))
+                except RayTaskError as exc:  # the source cannot even be opened any more
+                    raise data_error(exc) from None
                 except RayActorError:
                     pool.members.pop()
                     continue
