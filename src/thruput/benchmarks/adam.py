@@ -40,8 +40,9 @@ ONE_PASS_BYTES = 2 + 8 + 2  # bf16 grad in, fp32 master read + written, bf16 par
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="10,50,200", help="parameter counts in millions, comma-separated")
-    parser.add_argument("--reps", type=int, default=7, help="timed steps per implementation and size")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=3, help="passes over all implementations per size")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per implementation per round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation per round")
 
 
 @dataclass
@@ -103,9 +104,9 @@ def _deepspeed_peer() -> Arm | str:
 
 
 def copy_bandwidth(nbytes: int, reps: int) -> dict[str, float]:
-    """Bytes read + written per second (median of ``reps``) over ``nbytes`` fp32 buffers by
-    ``dst.copy_(src)`` ("copy") and ``x.mul_(1.0)`` ("inplace")."""
-    src = torch.rand(nbytes // 4)
+    """Bytes read + written per second (median of ``reps``, after one untimed pass) over
+    ``nbytes`` fp32 buffers by ``dst.copy_(src)`` ("copy") and ``x.mul_(1.0)`` ("inplace")."""
+    src = torch.full((nbytes // 4,), 1.0)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in
 
@@ -122,7 +123,8 @@ def copy_bandwidth(nbytes: int, reps: int) -> dict[str, float]:
             "inplace": moved / median_seconds(lambda: src.mul_(1.0))}
 
 
-def _time_arm(arm: Arm, master0: torch.Tensor, grad: torch.Tensor, warmup: int, reps: int) -> float:
+def _time_arm(arm: Arm, master0: torch.Tensor, grad: torch.Tensor, warmup: int, reps: int) -> list[float]:
+    """Seconds per step for ``reps`` steps of a freshly built arm, after ``warmup`` steps."""
     step = arm.make(master0, grad)
     for _ in range(warmup):
         step()
@@ -133,48 +135,62 @@ def _time_arm(arm: Arm, master0: torch.Tensor, grad: torch.Tensor, warmup: int, 
         times.append(time.perf_counter() - t0)
     del step
     gc.collect()
-    return statistics.median(times)
+    return times
 
 
 def run(args: argparse.Namespace) -> dict:
     if not kernel_available():
         raise SystemExit(f"thruput bench adam: the C++ kernel did not build: {kernel_build_error()}")
     sizes = [10, 50] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
-    reps, warmup = (3, 1) if args.quick else (args.reps, args.warmup)
+    rounds, reps, warmup = (2, 2, 1) if args.quick else (args.rounds, args.reps, args.warmup)
     arms = [_ours("fp32"), _ours("bf16"), _ours("int8"), _torch_peer("fused"), _torch_peer("foreach")]
     ds = _deepspeed_peer()
     if isinstance(ds, Arm):
         arms.append(ds)
     load_before = os.getloadavg()
-    measured = copy_bandwidth(1 << 30 if not args.quick else 1 << 28, reps=max(reps, 5))
-    bandwidth = max(measured.values())
+    bw_bytes = 1 << 29 if not args.quick else 1 << 27
+    bw_samples: dict[str, list[float]] = {"copy": [], "inplace": []}
     result: dict = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "copy_bandwidth_GBps": bandwidth / 1e9,
-                    **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in measured.items()}},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "workload": "bf16 grad in, fp32 AdamW master step, bf16 param out; median of "
-                    f"{reps} steps after {warmup} warm-up",
+                    f"{rounds} rounds x {reps} steps (each after {warmup} warm-up) per implementation",
         "deepspeed": "present" if isinstance(ds, Arm) else ds,
         "sizes": {},
     }
-    table = Table(title=f"offload AdamW update (bf16 grads, fp32 master, bf16 params); copy bandwidth "
-                        f"{bandwidth / 1e9:.1f} GB/s read+write")
-    for col in ("params", "impl", "ms/step", "Mparam/s", "B/param", "GB/s", "% bw", "vs peer"):
-        table.add_column(col, justify="right", no_wrap=True)
+    per_size_rows = {}
     for millions in sizes:
         n = millions * 1_000_000
         gen = torch.Generator().manual_seed(0)
         master0 = torch.randn(n, generator=gen)
         grad = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
-        rows = {}
-        for arm in arms:
-            sec = _time_arm(arm, master0, grad, warmup, reps)
-            rate = n / sec
-            rows[arm.name] = {"peer": arm.peer, "ms_per_step": 1e3 * sec, "Mparam_per_s": rate / 1e6,
-                              "bytes_per_param": arm.bytes_per_param, "GBps": rate * arm.bytes_per_param / 1e9,
-                              "bandwidth_fraction": rate * arm.bytes_per_param / bandwidth}
+        # Only one implementation's buffers are alive at a time (200M params need ~4 GB each), so
+        # instead of interleaving steps, whole passes over the implementations alternate in order:
+        # a change in machine load during the run then falls on all of them.
+        samples: dict[str, list[float]] = {arm.name: [] for arm in arms}
+        for r in range(rounds):
+            for k, v in copy_bandwidth(bw_bytes, reps).items():  # under the same load as the arms
+                bw_samples[k].append(v)
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                samples[arm.name] += _time_arm(arm, master0, grad, warmup, reps)
+        per_size_rows[millions] = {arm.name: (arm, statistics.median(samples[arm.name])) for arm in arms}
         del master0, grad
         gc.collect()
+    measured = {k: statistics.median(v) for k, v in bw_samples.items()}
+    bandwidth = max(measured.values())
+    result["machine"].update({"copy_bandwidth_GBps": bandwidth / 1e9,
+                              **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in measured.items()}})
+    table = Table(title=f"offload AdamW update (bf16 grads, fp32 master, bf16 params); copy bandwidth "
+                        f"{bandwidth / 1e9:.1f} GB/s read+write")
+    for col in ("params", "impl", "ms/step", "Mparam/s", "B/param", "GB/s", "% bw", "vs peer"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for millions, arm_times in per_size_rows.items():
+        n = millions * 1_000_000
+        rows = {}
+        for name, (arm, sec) in arm_times.items():
+            rate = n / sec
+            rows[name] = {"peer": arm.peer, "ms_per_step": 1e3 * sec, "Mparam_per_s": rate / 1e6,
+                          "bytes_per_param": arm.bytes_per_param, "GBps": rate * arm.bytes_per_param / 1e9,
+                          "bandwidth_fraction": rate * arm.bytes_per_param / bandwidth}
         best_peer = max((k for k, v in rows.items() if v["peer"]), key=lambda k: rows[k]["Mparam_per_s"])
         peer_rate = rows[best_peer]["Mparam_per_s"]
         for v in rows.values():
