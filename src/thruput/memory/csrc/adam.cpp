@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -102,26 +102,11 @@ inline void load_grad(const void* grad, Dt dt, int64_t i0, int64_t n, float grad
     for (int64_t k = 0; k < n; ++k) g[k] = g[k] / grad_scale;
 }
 
-// The parameter copy is written and not read back here: non-temporal stores skip the read for
-// ownership that a normal store pays, 2 of the ~30 bytes per parameter moved.
-inline void stream_copy(void* dst, const void* src, int64_t bytes) {
-#if defined(__AVX512F__)
-  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0 && bytes % 64 == 0) {
-    for (int64_t off = 0; off < bytes; off += 64)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(static_cast<char*>(dst) + off),
-                          _mm512_loadu_si512(static_cast<const char*>(src) + off));
-    return;
-  }
-#endif
-  std::memcpy(dst, src, bytes);
-}
-
 inline void store_param(const float* p, void* out, Dt dt, int64_t i0, int64_t n) {
-  alignas(64) uint16_t buf[kBlock];
   switch (dt) {
-    case Dt::kFp32: stream_copy(static_cast<float*>(out) + i0, p, n * 4); break;
-    case Dt::kBf16: store_bf16(p, n, buf); stream_copy(static_cast<uint16_t*>(out) + i0, buf, n * 2); break;
-    case Dt::kFp16: store_half(p, n, reinterpret_cast<at::Half*>(buf)); stream_copy(static_cast<uint16_t*>(out) + i0, buf, n * 2); break;
+    case Dt::kFp32: std::memcpy(static_cast<float*>(out) + i0, p, n * sizeof(float)); break;
+    case Dt::kBf16: store_bf16(p, n, static_cast<uint16_t*>(out) + i0); break;
+    case Dt::kFp16: store_half(p, n, static_cast<at::Half*>(out) + i0); break;
   }
 }
 
@@ -247,9 +232,6 @@ void run_all(const Args& a) {
     for (int64_t c = begin; c < end; ++c) {
       if (a.h.lerp_from_m) run_chunk<F, true>(a, c); else run_chunk<F, false>(a, c);
     }
-#if defined(__AVX512F__)
-    _mm_sfence();  // order this thread's non-temporal stores before the step returns
-#endif
   });
 }
 
