@@ -1,6 +1,7 @@
 """``thruput train`` as a user runs it: killed with SIGKILL and resumed, and under torchrun."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -38,19 +39,23 @@ max_files = 30
 weight = 0.5
 [optimizer]
 warmup_steps = 2
+{optimizer_extra}
 [checkpoint]
 dir = "{ckpt}"
 every = {every}
 keep = 50
 [profile]
 peak_flops = 1e11
+report_dir = "{report}"
 """
 
 
-def _write(tmp: Path, name: str, steps: int, every: int, workers: int = 0, data_extra: str = "") -> Path:
+def _write(tmp: Path, name: str, steps: int, every: int, workers: int = 0, data_extra: str = "",
+           optimizer_extra: str = "") -> Path:
     path = tmp / f"{name}.toml"
     path.write_text(CONFIG.format(name=name, steps=steps, every=every, workers=workers, data_extra=data_extra,
-                                  ckpt=tmp / name / "ckpt"))
+                                  optimizer_extra=optimizer_extra, ckpt=tmp / name / "ckpt",
+                                  report=tmp / name))
     return path
 
 
@@ -101,17 +106,19 @@ def test_bad_config_names_the_key(tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("torchrun") is None and not torch.distributed.is_available(),
                     reason="torch.distributed is unavailable")
 def test_two_rank_torchrun_completes_and_resumes(tmp_path, ray_address) -> None:
-    """Two gloo ranks on the shared Ray data plane: an interrupted run resumes to the same state."""
+    """Two gloo ranks on the shared Ray data plane with ZeRO-2 offload: an interrupted run resumes
+    to the same state."""
     extra = f'ray_address = "{ray_address}"'
+    zero2 = 'kind = "offload_adamw"\nzero2 = true'
     steps = 4
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "thruput.cli", "train"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    full = _write(tmp_path, "full", steps, every=2, data_extra=extra)
+    full = _write(tmp_path, "full", steps, every=2, data_extra=extra, optimizer_extra=zero2)
     done = subprocess.run([*launch, str(full)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     # Interrupted after step 2: only that checkpoint exists, in a fresh folder; --resume finishes it.
-    part = _write(tmp_path, "part", steps, every=2, data_extra=extra)
+    part = _write(tmp_path, "part", steps, every=2, data_extra=extra, optimizer_extra=zero2)
     (tmp_path / "part" / "ckpt").mkdir(parents=True)
     first = list_checkpoints(tmp_path / "full" / "ckpt")[0]
     shutil.copy(first, tmp_path / "part" / "ckpt" / first.name)
@@ -124,3 +131,5 @@ def test_two_rank_torchrun_completes_and_resumes(tmp_path, ray_address) -> None:
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["profiler"]["records"] and len(b["profiler"]["records"]) == steps
+    meta = json.loads((tmp_path / "part" / "part.json").read_text())["meta"]
+    assert meta["world_size"] == 2 and meta["optimizer"] == "Zero2OffloadAdamW" and meta["data_backend"] == "ray"

@@ -65,6 +65,7 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0
     state_dtype: Literal["fp32", "bf16", "int8"] = "fp32"
     delayed_update_after: int | None = None
+    zero2: bool = False  # offload_adamw under torchrun: each rank owns a shard of master and states
 
 
 @dataclass
@@ -119,6 +120,8 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be >= 0, got {value}")
         if self.checkpoint.every and not self.checkpoint.dir:
             raise ConfigError("checkpoint.dir: required when checkpoint.every > 0")
+        if self.optimizer.zero2 and self.optimizer.kind != "offload_adamw":
+            raise ConfigError("optimizer.zero2: needs optimizer.kind = 'offload_adamw'")
         if not self.data.sources:
             raise ConfigError("data.sources: at least one source is required")
         names = [s.name for s in self.data.sources]

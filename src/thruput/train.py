@@ -49,10 +49,12 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optim
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if o.kind == "offload_adamw":
-        from thruput.memory import OffloadAdamW
+        from thruput.memory import OffloadAdamW, Zero2OffloadAdamW
 
-        return OffloadAdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, state_dtype=o.state_dtype,
-                            delayed_update_after=o.delayed_update_after)
+        sharded = o.zero2 and dist.is_initialized() and dist.get_world_size() > 1
+        return (Zero2OffloadAdamW if sharded else OffloadAdamW)(
+            groups, lr=o.lr, betas=o.betas, eps=o.eps, state_dtype=o.state_dtype,
+            delayed_update_after=o.delayed_update_after)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
 
 
@@ -220,7 +222,7 @@ def train(
         compiled = compile_model(model.hidden if cfg.kernels.fused_cross_entropy else model, buckets)
     loss_fn = build_loss(cfg, model, compiled)
     comm = None
-    if world > 1:
+    if world > 1 and not _is_sharded(optimizer):  # ZeRO-2 reduce-scatters its own gradients
         from thruput.comm import GradientBuckets
 
         comm = GradientBuckets(model.parameters(), op="all_reduce")
@@ -229,7 +231,8 @@ def train(
                         clocks=ClockSampler(hz=cfg.profile.clock_hz) if cfg.profile.enabled else None,
                         enabled=cfg.profile.enabled)
     prof.meta.update({"config": to_dict(cfg), "rank": rank, "world_size": world,
-                      "params": model.num_params(non_embedding=False)})
+                      "params": model.num_params(non_embedding=False), "optimizer": type(optimizer).__name__,
+                      "data_backend": getattr(loader, "stats", dict)().get("backend", type(loader).__name__)})
 
     result = TrainResult(model=model)
     step = 0
@@ -295,13 +298,14 @@ def train(
                 progress.advance(loss=result.losses[-1])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
-                if rank == 0:
-                    result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, prof, result))
+                saved = _save(cfg, step, rank, model, optimizer, scheduler, loader, prof, result)
+                result.checkpoints += [saved] if saved else []
         result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
-        if cfg.checkpoint.dir and rank == 0 and step > result.start_step and not (
+        if cfg.checkpoint.dir and step > result.start_step and not (
                 cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             # The end of the run (or of this slice of it, with stop_after) is always resumable.
-            result.checkpoints.append(_save(cfg, step, model, optimizer, scheduler, loader, prof, result))
+            saved = _save(cfg, step, rank, model, optimizer, scheduler, loader, prof, result)
+            result.checkpoints += [saved] if saved else []
     finally:
         if progress is not None:
             progress.close()
@@ -339,13 +343,21 @@ def _attribute_offload(prof: StepProfiler, optimizer: torch.optim.Optimizer) -> 
         prof.add_time("optimizer", -copies)
 
 
-def _save(cfg: RunConfig, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, loader: Any, prof: StepProfiler, result: TrainResult) -> Path:
+def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    return type(optimizer).__name__ == "Zero2OffloadAdamW"
+
+
+def _save(cfg: RunConfig, step: int, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          scheduler: Any, loader: Any, prof: StepProfiler, result: TrainResult) -> Path | None:
+    """Rank 0 writes the checkpoint; every rank calls this, since a sharded optimizer's
+    ``state_dict()`` gathers the shards (a collective)."""
+    if rank != 0 and not _is_sharded(optimizer):
+        return None
     getattr(optimizer, "flush", lambda: None)()  # OffloadAdamW: a delayed update lands before the weights are saved
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "profiler": prof.state_dict(),
              "losses": list(result.losses), "useful_tokens": result.useful_tokens}
-    return save_checkpoint(state, cfg.checkpoint.dir, step, keep=cfg.checkpoint.keep)
+    return save_checkpoint(state, cfg.checkpoint.dir, step, keep=cfg.checkpoint.keep) if rank == 0 else None
 
 
 class _progress:
