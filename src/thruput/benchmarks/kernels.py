@@ -82,6 +82,7 @@ def ce_figures(device: str, tokens: int, hidden: int, vocab: int, rounds: int, r
     variants = ["naive", "thruput", *peers]
     times: dict[str, list[float]] = {v: [] for v in variants}
     peaks: dict[str, list[int]] = {v: [] for v in variants}
+    losses: dict[str, float] = {}  # same inputs in every process: the losses must agree
     errors: dict[str, str] = {}
     for r in range(rounds):
         for v in variants if r % 2 == 0 else variants[::-1]:
@@ -93,6 +94,7 @@ def ce_figures(device: str, tokens: int, hidden: int, vocab: int, rounds: int, r
                 continue
             times[v] += res["times_s"]
             peaks[v].append(res["peak_delta_bytes"])
+            losses[v] = res["loss"]
     out: dict[str, Any] = {"device": device, "tokens": tokens, "hidden": hidden, "vocab": vocab,
                            "rounds": rounds, "reps_per_process": reps, "variants": {}}
     for v in variants:
@@ -100,7 +102,7 @@ def ce_figures(device: str, tokens: int, hidden: int, vocab: int, rounds: int, r
             out["variants"][v] = {"error": errors[v]}
         else:
             out["variants"][v] = {"median_time_s": statistics.median(times[v]), "times_s": times[v],
-                                  "peak_delta_bytes": max(peaks[v])}
+                                  "peak_delta_bytes": max(peaks[v]), "loss": losses[v]}
     return out
 
 
