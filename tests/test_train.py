@@ -67,3 +67,10 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path) -> None:
         load_checkpoint(tmp_path / "step_00000009.pt")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_bfloat16_runs_mixed_precision_with_the_fused_loss(tmp_path) -> None:
+    cfg = _cfg(tmp_path, steps=3, dtype="bfloat16", **{"checkpoint.every": 0, "kernels.fused_cross_entropy": True})
+    result = train(cfg)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())  # master weights stay fp32

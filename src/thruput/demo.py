@@ -28,7 +28,7 @@ from rich.table import Table
 from thruput.config import RunConfig, from_dict
 
 LEVERS = ("data_plane", "offload", "fused_ce", "compile")
-SAMPLE_MIX = {"code": 0.2, "functions": 0.4, "docstrings": 0.4}  # the baseline's sampler shares
+SOURCES = ("code", "functions", "docstrings")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class DemoSetup:
     """Sizes of the demo workload; ``tiny`` is for tests."""
 
     seq_len: int = 512
+    # The baseline sampler's share of samples (chunks) per source.
+    sample_mix: dict[str, float] = field(default_factory=lambda: {"code": 0.2, "functions": 0.4, "docstrings": 0.4})
     baseline_rows: int = 8
     steps: int = 60  # baseline steps; the thruput run trains on the same labelled tokens
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 128, "n_layers": 4, "n_heads": 4})
@@ -71,8 +73,8 @@ class RunOutcome:
 
 def _sources(setup: DemoSetup, token_shares: dict[str, float] | None) -> list[dict[str, Any]]:
     kinds = {"code": "stdlib_code", "functions": "stdlib_functions", "docstrings": "stdlib_docstrings"}
-    shares = token_shares or SAMPLE_MIX
-    return [{"name": n, "kind": kinds[n], "weight": shares[n], "max_files": setup.train_files} for n in SAMPLE_MIX]
+    shares = token_shares or setup.sample_mix
+    return [{"name": n, "kind": kinds[n], "weight": shares[n], "max_files": setup.train_files} for n in SOURCES]
 
 
 def variant_config(setup: DemoSetup, levers: tuple[str, ...], *, name: str, rows: int, steps: int,
@@ -194,7 +196,7 @@ def setup_figures(workload: DemoWorkload) -> dict[str, Any]:
     s = workload.setup
     return {"seq_len": s.seq_len, "baseline_rows": s.baseline_rows, "baseline_steps": s.steps,
             "packed_rows": workload.packed_rows, "packed_steps": workload.packed_steps,
-            "labelled_tokens": workload.baseline_tokens, "sample_mix": SAMPLE_MIX,
+            "labelled_tokens": workload.baseline_tokens, "sample_mix": s.sample_mix,
             "token_shares": workload.token_shares, **s.model}
 
 

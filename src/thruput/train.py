@@ -84,7 +84,8 @@ def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor]
 
         def fused(batch: dict) -> torch.Tensor:
             hidden = hidden_fn(batch["input_ids"], batch.get("position_ids"))
-            return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, batch["labels"].flatten(),
+            weight = model.lm_head.weight.to(hidden.dtype)  # bf16 under autocast; a no-op in fp32
+            return linear_cross_entropy(hidden.flatten(0, 1), weight, batch["labels"].flatten(),
                                         ignore_index=IGNORE_INDEX)
 
         return fused
@@ -221,6 +222,8 @@ def train(
         buckets = sorted({max(1, cfg.data.seq_len // 4), max(1, cfg.data.seq_len // 2), cfg.data.seq_len})
         compiled = compile_model(model.hidden if cfg.kernels.fused_cross_entropy else model, buckets)
     loss_fn = build_loss(cfg, model, compiled)
+    # dtype "bfloat16": mixed precision (weights stay fp32, matmuls run in bf16).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     comm = None
     if world > 1 and not _is_sharded(optimizer):  # ZeRO-2 reduce-scatters its own gradients
         from thruput.comm import GradientBuckets
@@ -270,7 +273,7 @@ def train(
                     record.samples = batch["input_ids"].shape[0]
                     record.useful_tokens = useful
                     record.flops = batch_flops(model, batch)
-                with prof.phase("forward"):
+                with prof.phase("forward"), autocast:
                     loss = loss_fn(batch)
                 with prof.phase("backward"):
                     loss.backward()

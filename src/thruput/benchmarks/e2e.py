@@ -15,7 +15,7 @@ from tempfile import TemporaryDirectory
 
 from rich.console import Console
 
-from thruput.demo import (LEVERS, DemoSetup, DemoWorkload, compare, comparison_table, display_rows,
+from thruput.demo import (LEVERS, SOURCES, DemoSetup, DemoWorkload, compare, comparison_table, display_rows,
                           outcome_figures, setup_figures)
 
 DESCRIPTION = "demo workload: thruput vs baseline useful tokens/s (goal >= 2) and loss (goal <= 2%), per lever"
@@ -25,6 +25,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="baseline steps (default: the demo's)")
     parser.add_argument("--no-levers", action="store_true", help="skip the one-lever-at-a-time runs")
     parser.add_argument("--out", help="folder for the per-run reports (default: a temporary folder)")
+    parser.add_argument("--mix", help="baseline sample shares, e.g. code=0.1,functions=0.45,docstrings=0.45")
+
+
+def _mix(text: str) -> dict[str, float]:
+    try:
+        mix = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"thruput bench e2e: --mix: expected name=share,..., got {text!r}") from None
+    if set(mix) != set(SOURCES) or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise SystemExit(f"thruput bench e2e: --mix: give a non-negative share for each of {', '.join(SOURCES)}")
+    return mix
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -32,6 +43,8 @@ def run(args: argparse.Namespace) -> dict:
     setup = DemoSetup.tiny() if args.quick else DemoSetup()
     if args.steps:
         setup.steps = args.steps
+    if args.mix:
+        setup.sample_mix = _mix(args.mix)
     with TemporaryDirectory() as tmp:
         workload = DemoWorkload(setup, Path(args.out or tmp))
         baseline = workload.run((), "baseline", show_progress=False)
