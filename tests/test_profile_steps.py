@@ -1,8 +1,11 @@
 """StepProfiler arithmetic, summary and reports."""
+from pathlib import Path
+
 import json
 import time
 
 import pytest
+import torch
 
 from thruput.profile import (PHASES, StepProfiler, chrome_trace, load_json, render_html, run_document,
                              save_json)
@@ -95,3 +98,16 @@ def test_html_escapes_user_names() -> None:
     assert "<script>alert" not in html and "&lt;script&gt;" in html
     assert "&lt;b&gt;" in html
     assert html.count("<svg") >= 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_memory_is_the_profilers_own_window_not_the_process_lifetime() -> None:
+    first = StepProfiler()
+    with first.step(tokens=1, samples=1):
+        big = torch.ones(2**27)  # 512 MiB, touched
+    del big
+    second = StepProfiler()
+    with second.step(tokens=1, samples=1):
+        pass
+    assert first.summary()["peak_memory_bytes"] - second.summary()["peak_memory_bytes"] > 400 * 2**20
+    assert second.summary()["memory_kind"] == "process_rss"

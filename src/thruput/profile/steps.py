@@ -159,6 +159,7 @@ class StepProfiler:
         self._pending: list[_Step] = []
         self._open: _Step | None = None
         self._next_index = 0
+        self._rss_window = enabled and not self._cuda and _reset_peak_rss()
         if clocks is not None and enabled:
             clocks.start()
 
@@ -308,7 +309,8 @@ class StepProfiler:
             "peak_flops": self.peak_flops,
             "mfu": achieved / self.peak_flops if achieved and self.peak_flops else None,
             "peak_memory_bytes": peak_mem,
-            "memory_kind": "cuda_max_allocated" if self._cuda else "process_rss",
+            "memory_kind": "cuda_max_allocated" if self._cuda else
+                           "process_rss" if self._rss_window else "process_rss_lifetime",
             "memory_capacity_bytes": _memory_capacity(self.device if self._cuda else None),
         }
         if self.clocks is not None:
@@ -376,8 +378,26 @@ def _rss_bytes() -> int:
         return _peak_rss_bytes()
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new peak-RSS window, so a profiler reports its own run's peak rather than the
+    process lifetime's (Linux: writing 5 to clear_refs resets VmHWM). False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _peak_rss_bytes() -> int:
-    # ru_maxrss is in KiB on Linux.
+    """Peak RSS since the last reset (VmHWM), else over the process lifetime (ru_maxrss, KiB)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
