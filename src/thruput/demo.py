@@ -212,7 +212,7 @@ def display_rows(runs: list[RunOutcome]) -> dict[str, dict[str, str]]:
         "labelled tokens": lambda f: f"{f['useful_tokens']:,}",
         "stall (data wait)": lambda f: f"{f['stall_fraction']:.1%}",
         "padding": lambda f: f"{f['padding_ratio']:.1%}",
-        "peak memory (RSS)": lambda f: f"{f['peak_memory_bytes'] / 2**20:,.0f} MiB",
+        "peak RSS (trainer)": lambda f: f"{f['peak_memory_bytes'] / 2**20:,.0f} MiB",
         "final train loss": lambda f: f"{f['final_train_loss']:.3f}",
         "held-out loss": lambda f: f"{f['eval_loss']:.3f}",
         "wall time": lambda f: f"{f['wall_s']:.0f} s",
