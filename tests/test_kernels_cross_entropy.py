@@ -106,7 +106,10 @@ def test_fp32_parity_on_random_shapes(shape, d, vocab, chunk, ignore_frac, smoot
     assert out.shape == ref.shape
     assert rel(out, ref) <= FP32_RTOL
     for got, want in zip(grads(out, hidden, weight, seed), grads(ref, hidden, weight, seed)):
-        assert rel(got, want) <= FP32_RTOL
+        # Random shapes include near-cancelling gradients (e.g. smoothing 1.0 over 2 classes:
+        # p - 1/2 with p ~ 1/2), where a relative norm only measures the cancellation; there
+        # the differences must stay at fp32 rounding of the O(1) terms (atol 1e-6).
+        assert rel(got, want) <= FP32_RTOL or torch.allclose(got, want, rtol=FP32_RTOL, atol=1e-6)
 
 
 def test_empty_input_matches_torch():
