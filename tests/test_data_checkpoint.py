@@ -74,7 +74,7 @@ def test_interrupted_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("thruput.data.checkpoint.os.replace", boom)
+    monkeypatch.setattr("thruput.atomic.os.replace", boom)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save({"step": 2, "x": 2})
     monkeypatch.undo()

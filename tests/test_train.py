@@ -74,3 +74,17 @@ def test_bfloat16_runs_mixed_precision_with_the_fused_loss(tmp_path) -> None:
     result = train(cfg)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert all(p.dtype == torch.float32 for p in result.model.parameters())  # master weights stay fp32
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    save_checkpoint({"step": 1}, tmp_path, 1)
+
+    def full(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("thruput.atomic.os.replace", full)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"step": 2}, tmp_path, 2)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]  # no temporary left behind
+    assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1

@@ -214,6 +214,7 @@ def train(
     model = build_model(cfg).to(device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
+    offload = cfg.optimizer.kind == "offload_adamw"
     compiled = None
     if cfg.kernels.compile:
         from thruput.kernels import compile as compile_model
@@ -225,7 +226,12 @@ def train(
     # dtype "bfloat16": mixed precision (weights stay fp32, matmuls run in bf16).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     comm = None
-    if world > 1 and not _is_sharded(optimizer):  # ZeRO-2 reduce-scatters its own gradients
+    sharded = False
+    if offload:
+        from thruput.memory import Zero2OffloadAdamW
+
+        sharded = isinstance(optimizer, Zero2OffloadAdamW)
+    if world > 1 and not sharded:  # ZeRO-2 reduce-scatters its own gradients
         from thruput.comm import GradientBuckets
 
         comm = GradientBuckets(model.parameters(), op="all_reduce")
@@ -286,10 +292,13 @@ def train(
                             clip(cfg.optimizer.grad_clip)
                         else:
                             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optimizer.grad_clip)
-                    optimizer.step()
+                    # OffloadAdamW: the parameter copies back to the device are their own phase.
+                    optimizer.step(copy_back=False) if offload else optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
-                _attribute_offload(prof, optimizer)
+                if offload:
+                    with prof.phase("h2d"):
+                        optimizer.copy_back()
                 if compiled is not None:
                     for key, value in compiled.stats().items():
                         if isinstance(value, (int, float)):
@@ -301,13 +310,15 @@ def train(
                 progress.advance(loss=result.losses[-1])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
-                saved = _save(cfg, step, rank, model, optimizer, scheduler, loader, prof, result)
+                saved = _save(cfg, step, rank, sharded, model, optimizer, scheduler, loader, prof, result)
                 result.checkpoints += [saved] if saved else []
         result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
+        if offload:
+            optimizer.flush()  # a delayed update lands: the returned model holds the newest weights
         if cfg.checkpoint.dir and step > result.start_step and not (
                 cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             # The end of the run (or of this slice of it, with stop_after) is always resumable.
-            saved = _save(cfg, step, rank, model, optimizer, scheduler, loader, prof, result)
+            saved = _save(cfg, step, rank, sharded, model, optimizer, scheduler, loader, prof, result)
             result.checkpoints += [saved] if saved else []
     finally:
         if progress is not None:
@@ -336,27 +347,15 @@ def _sum_over_ranks(value: int, world: int) -> int:
     return int(total)
 
 
-def _attribute_offload(prof: StepProfiler, optimizer: torch.optim.Optimizer) -> None:
-    """Move OffloadAdamW's copy time out of ``optimizer`` into ``h2d`` (both directions: the
-    profiler has one transfer phase). Gradient copies made during backward stay in ``backward``."""
-    timings = getattr(optimizer, "last_timings", None)
-    if timings:
-        copies = float(timings.get("h2d", 0.0))
-        prof.add_time("h2d", copies)
-        prof.add_time("optimizer", -copies)
-
-
-def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
-    return type(optimizer).__name__ == "Zero2OffloadAdamW"
-
-
-def _save(cfg: RunConfig, step: int, rank: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-          scheduler: Any, loader: Any, prof: StepProfiler, result: TrainResult) -> Path | None:
+def _save(cfg: RunConfig, step: int, rank: int, sharded: bool, model: torch.nn.Module,
+          optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any, prof: StepProfiler,
+          result: TrainResult) -> Path | None:
     """Rank 0 writes the checkpoint; every rank calls this, since a sharded optimizer's
     ``state_dict()`` gathers the shards (a collective)."""
-    if rank != 0 and not _is_sharded(optimizer):
+    if rank != 0 and not sharded:
         return None
-    getattr(optimizer, "flush", lambda: None)()  # OffloadAdamW: a delayed update lands before the weights are saved
+    if hasattr(optimizer, "flush"):
+        optimizer.flush()  # OffloadAdamW: a delayed update lands before the weights are saved
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "profiler": prof.state_dict(),
              "losses": list(result.losses), "useful_tokens": result.useful_tokens}

@@ -18,13 +18,12 @@ Restoring is the newest file: a snapshot, or its base snapshot plus that one del
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from thruput.atomic import write_atomic
 from thruput.data.errors import DataError
 
 FORMAT = 1
@@ -98,25 +97,6 @@ def apply_delta(base: Mapping[str, Any], delta: Mapping[str, Any]) -> dict[str, 
     return unflatten(leaves)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a flushed temporary file and a rename (and sync the folder)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class DeltaCheckpointer:
     """Saves a state every ``every`` steps into ``directory``: a delta, or a full snapshot every ``full_every`` deltas.
 
@@ -177,7 +157,7 @@ class DeltaCheckpointer:
         except TypeError as exc:
             raise DataError(f"checkpoint: state is not plain JSON data: {exc}") from exc
         path = self.directory / f"{'full' if full else 'delta'}-{step:010d}.json"
-        write_atomic(path, data)
+        write_atomic(path, lambda f: f.write(data))
         if full:
             self._base, self._base_step, self._deltas = json.loads(data)["state"], step, 0
             self._prune()

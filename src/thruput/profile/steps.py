@@ -19,7 +19,6 @@ Time inside a step that no phase covers is reported as ``other``.
 """
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from thruput.profile.clocks import ClockSampler
+from thruput.profile.memory import memory_capacity, peak_rss_bytes, reset_peak_rss, rss_bytes
 
 PHASES = ("data_wait", "h2d", "forward", "backward", "optimizer", "comm", "other")
 HOST_PHASES = frozenset({"data_wait"})
@@ -119,7 +119,7 @@ class _Step:
             self.memory_bytes = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.memory_bytes = _rss_bytes()
+            self.memory_bytes = rss_bytes()
         prof._pending.append(self)
         prof._resolve(block=False)
 
@@ -159,7 +159,7 @@ class StepProfiler:
         self._pending: list[_Step] = []
         self._open: _Step | None = None
         self._next_index = 0
-        self._rss_window = enabled and not self._cuda and _reset_peak_rss()
+        self._rss_window = enabled and not self._cuda and reset_peak_rss()
         if clocks is not None and enabled:
             clocks.start()
 
@@ -293,7 +293,7 @@ class StepProfiler:
         achieved = sum(flops) / total if all(f is not None for f in flops) and total > 0 else None
         peak_mem = max(r.memory_bytes for r in records)
         if not self._cuda:
-            peak_mem = max(peak_mem, _peak_rss_bytes())
+            peak_mem = max(peak_mem, peak_rss_bytes())
         out: dict[str, Any] = {
             "steps": len(records),
             "warmup_steps": len(self.records) - len(records),
@@ -311,7 +311,7 @@ class StepProfiler:
             "peak_memory_bytes": peak_mem,
             "memory_kind": "cuda_max_allocated" if self._cuda else
                            "process_rss" if self._rss_window else "process_rss_lifetime",
-            "memory_capacity_bytes": _memory_capacity(self.device if self._cuda else None),
+            "memory_capacity_bytes": memory_capacity(self.device if self._cuda else None),
         }
         if self.clocks is not None:
             out["clocks"] = clock_summary(records, self.clocks)
@@ -360,45 +360,6 @@ class _NullContext:
 
 
 _NULL = _NullContext()
-
-
-def _memory_capacity(device: torch.device | None) -> int:
-    if device is not None:
-        return torch.cuda.get_device_properties(device).total_memory
-    import psutil
-
-    return psutil.virtual_memory().total
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
-        return _peak_rss_bytes()
-
-
-def _reset_peak_rss() -> bool:
-    """Start a new peak-RSS window, so a profiler reports its own run's peak rather than the
-    process lifetime's (Linux: writing 5 to clear_refs resets VmHWM). False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    """Peak RSS since the last reset (VmHWM), else over the process lifetime (ru_maxrss, KiB)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _quantile(values: list[float], q: float) -> float:
