@@ -88,15 +88,18 @@ def test_torchrun_two_ranks_deliver_the_local_global_sample_set(ray_address, tmp
         assert ranks[r]["documents"] == [[list(d) for d in b["documents"]] for b in expected[r]]
 
 
-def test_killed_source_loader_is_replaced_by_its_shadow_without_gap_or_repeat(ray_address):
+def test_killed_loader_process_is_replaced_by_its_shadow_without_gap_or_repeat(ray_address):
+    # Three sources on a 2-CPU budget: two loader processes, "a" and "c" share the first.
     plan = make_plan(world_size=2)
     expected = reference(plan, 2, 12)
     loaders = ray_loaders(plan, 2, ray_opts(ray_address, chunk_docs=2, prefetch_chunks=1, ahead=1, shadows=1))
     try:
         head = take_together(loaders, 3)
-        assert loaders[0].stats()["workers"] == {"a": 1, "b": 1, "c": 1}
+        stats = loaders[0].stats()
+        assert stats["workers"] == {"a": 1, "b": 1, "c": 1} and stats["loader_processes"] == 2
         before = loaders[0].backend.pids()
         victim = before["loaders"]["a"][0]
+        assert before["loaders"]["c"] == [victim] and before["loaders"]["b"] != [victim]
         os.kill(victim, signal.SIGKILL)
         tail = take_together(loaders, 9)
         after = loaders[0].backend.pids()
@@ -105,9 +108,10 @@ def test_killed_source_loader_is_replaced_by_its_shadow_without_gap_or_repeat(ra
         close_all(loaders)
     got = [head[r] + tail[r] for r in range(2)]
     assert all(same(a, b) for r in range(2) for a, b in zip(got[r], expected[r]))  # same sample ids, in order
-    assert after["loaders"]["a"] == before["shadows"]  # the warm shadow took over source a
-    assert stats["takeovers"] == {"a": 1, "b": 0, "c": 0} and stats["loader_failures"]["a"] == 1
-    assert stats["shadows"] == 1  # a new shadow was started
+    assert after["loaders"]["a"] == after["loaders"]["c"] == before["shadows"]  # the warm shadow took over both
+    assert after["loaders"]["b"] == before["loaders"]["b"]
+    assert stats["takeovers"] == {"a": 1, "b": 0, "c": 1} and stats["loader_failures"] == {"a": 1, "b": 0, "c": 1}
+    assert stats["shadows"] == 1 and stats["loader_processes"] == 2  # a new shadow was started
 
 
 def test_source_that_keeps_crashing_stops_the_run_with_a_clear_error(ray_address):
@@ -195,12 +199,14 @@ def test_elastic_resume_rebalances_without_loss_or_duplicates(ray_address, backe
 
 
 def test_pool_sizes_follow_measured_cost_and_demand_within_the_budget():
-    from thruput.data.ray_roles import pool_sizes
+    from thruput.data.ray_roles import host_count, pool_sizes
 
     assert pool_sizes([0.0, 0.0, 0.0], [0, 0, 0], 8, 1, 4) == [1, 1, 1]  # nothing measured yet
     assert pool_sizes([1e-6, 20e-6], [100, 100], 8, 1, 6) == [1, 6]  # 20x costlier source, capped at max
     assert pool_sizes([1e-6, 1e-6], [300, 100], 4, 1, 4) == [3, 1]  # same cost, 3x the demand
     assert sum(pool_sizes([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1], 6, 1, 8)) == 6
+    # Loader processes: one per CPU of the budget, never more than loaders, a source's loaders apart.
+    assert host_count([1] * 8, 2) == 2 and host_count([1, 1], 8) == 2 and host_count([4, 1], 2) == 4
 
 
 def test_pools_grow_for_the_costly_source(ray_address):
@@ -213,6 +219,9 @@ def test_pools_grow_for_the_costly_source(ray_address):
     opts = ray_opts(ray_address, cpu_budget=3, max_workers=2, rescale_every=2)
     with Loader(plan, world_size=1, backend="ray", workers=opts) as loader:
         got = take(loader, 8)
-        workers = loader.stats()["workers"]
-    assert workers == {"slow": 2, "fast": 1}
+        stats = loader.stats()
+        pids = loader.backend.pids()["loaders"]
+    assert stats["workers"] == {"slow": 2, "fast": 1} and stats["loader_processes"] == 3
+    assert len(set(pids["slow"])) == 2  # the costly source's second loader runs in a process of its own
+    assert not set(pids["slow"]) & set(pids["fast"])
     assert all(same(a, b) for a, b in zip(got, expected))  # resizing never changes the batches

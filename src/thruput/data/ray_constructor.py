@@ -46,7 +46,7 @@ class _PoolClient:
             if e[2] in load:
                 load[e[2]] += 1
         key = min(load, key=load.__getitem__)
-        entry[1] = dict(self.roster)[key].load.remote(entry[0], self.chunk_docs)
+        entry[1] = dict(self.roster)[key].load.remote(self.name, entry[0], self.chunk_docs)
         entry[2] = key
 
     def _submit(self) -> None:

@@ -1,13 +1,17 @@
-"""The Ray actors of the shared data plane: planner, source loaders with warm shadows, constructors.
+"""The Ray actors of the shared data plane: planner, loader processes with warm shadows, constructors.
 
 * ``Planner``: one per run, a detached actor named ``"planner"`` in the run's namespace, so every
-  trainer rank finds the same one. It holds the plan, one pool of ``SourceLoader`` actors per
-  source and ``shadows`` warm spare loaders, sizes the pools from the measured CPU seconds per
+  trainer rank finds the same one. It holds the plan, one pool of loaders per source and
+  ``shadows`` warm spare loader processes, sizes the pools from the measured CPU seconds per
   token and the tokens consumed (within ``cpu_budget``), and opens one ``Constructor`` per session
   (a world size and a start state). Every actor it creates is owned by it and dies with it.
-* ``SourceLoader``: tokenizes runs of one source's stream positions. A chunk is a pure function
-  of (source, seed, positions), so any loader of a source can serve any run: that is what lets
-  a shadow take over the runs a dead loader held, with nothing lost or repeated.
+* ``LoaderHost``: one loader process; it tokenizes runs of the stream positions of each source
+  it adopted. A source's loader is a slot on a host: several sources share a process (an idle
+  Ray worker alone costs ~65 MiB), no more processes run than the budget has CPUs, and a
+  source whose pool grows gets its further loaders in other processes. A chunk is a pure
+  function of (source, seed, positions), so any loader of a source can serve any run: that is
+  what lets a shadow take over the runs a dead process's loaders held, with nothing lost or
+  repeated.
 * ``Constructor`` (``ray_constructor``): pulls each source's chunks in stream order (tokens through Ray's
   object store), mixes, balances and collates every rank's batch of each step, up to ``ahead``
   steps past the slowest rank, and hands each rank its own.
@@ -74,33 +78,55 @@ def pool_sizes(cost_per_token: Sequence[float], demand: Sequence[float], budget:
             spare -= 1
     return counts.tolist()
 
+def host_count(slots: Sequence[int], budget: int) -> int:
+    """Loader processes for ``slots`` loaders per source: one per CPU of ``budget``, no more than loaders.
+
+    A source's loaders sit in distinct processes (else they would share one GIL), so at least
+    ``max(slots)``; more processes than CPUs add no throughput, only memory.
+    """
+    return max(min(budget, sum(slots)), max(slots, default=0))
+
+
 @ray.remote(num_cpus=0)
-class SourceLoader:
-    """Tokenizes runs of one source's stream; created empty (a warm shadow) until ``adopt``."""
+class LoaderHost:
+    """One loader process serving runs of the sources it adopted; created empty (a warm shadow) until ``adopt``.
+
+    Calls run one at a time (an actor's default), so one source's ``StreamOrder`` cache is never
+    shared by two threads.
+    """
 
     def __init__(self) -> None:
-        self._source: Any = None
+        self._held: dict[str, tuple[Any, Any, StreamOrder]] = {}
 
     def adopt(self, source: Any, tokenizer: Any, seed: int) -> int:
-        """Take on ``source``: opens its index (the per-source state). Returns this process id."""
-        self._source, self._tokenizer = source, tokenizer
-        self._order = StreamOrder(source, seed)
+        """Take on ``source`` (its index opens on first read: the per-source state). Returns this process id."""
+        self._held[source.name] = (source, tokenizer, StreamOrder(source, seed))
         return os.getpid()
 
-    def load(self, start: int, count: int) -> Chunk:
+    def load(self, name: str, start: int, count: int) -> Chunk:
+        source, tokenizer, order = self._held[name]
         try:
-            return tokenize_chunk(self._source, self._tokenizer, self._order, start, count)
+            return tokenize_chunk(source, tokenizer, order, start, count)
         except DataError:
             raise
         except Exception as exc:
-            raise DataError(f"source '{self._source.name}': {exc!r}") from exc
+            raise DataError(f"source '{name}': {exc!r}") from exc
 
     def pid(self) -> int:
         return os.getpid()
 
 
+class _Host:
+    """A loader process as the planner sees it: its actor and its loader slots (key -> source)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+        self.slots: dict[int, str] = {}
+        self.held: set[str] = set()  # sources adopted; kept after a slot is retired (re-adopting would re-open)
+
+
 class _Pool:
-    """One source's loaders as the planner sees them: (key, handle) pairs, failures, takeovers."""
+    """One source's loaders as the planner sees them: (key, host actor) pairs, failures, takeovers."""
 
     def __init__(self) -> None:
         self.members: list[tuple[int, Any]] = []
@@ -121,17 +147,36 @@ class Planner:
         self._next_key = 0
         self.sources = {s.name: s for s in plan.sources}
         self.pools = {name: _Pool() for name in self.sources}
-        self.shadows = [SourceLoader.remote() for _ in range(self.opts["shadows"])]
+        self.hosts: list[_Host] = []
+        self.shadows = [LoaderHost.remote() for _ in range(self.opts["shadows"])]
         self._warm_constructor: Any = Constructor.remote()  # the first session's, started alongside the loaders
         self.sessions: dict[str, dict[str, Any]] = {}
         self.closing = False
-        self._adopting = [self._add_loader(name) for name in self.sources for _ in range(self.opts["min_workers"])]
+        lo = self.opts["min_workers"]
+        wanted = host_count([lo] * len(self.sources), self.budget)
+        adopting = [self._add_slot(n, self._host_for(n, wanted, {})) for _ in range(lo) for n in self.sources]
+        self._adopting = [ref for ref in adopting if ref is not None]
 
-    def _add_loader(self, name: str, actor: Any = None) -> Any:
-        actor = actor if actor is not None else SourceLoader.remote()
+    def _host_for(self, name: str, wanted: int, weight: Mapping[str, float]) -> _Host:
+        """A new process while fewer than ``wanted`` run, else the least loaded one without ``name``."""
+        free = [h for h in self.hosts if name not in h.slots.values()]
+        if len(self.hosts) >= wanted and free:
+            return min(free, key=lambda h: sum(weight.get(s, 1.0) for s in h.slots.values()))
+        self.hosts.append(_Host(LoaderHost.remote()))
+        return self.hosts[-1]
+
+    def _add_slot(self, name: str, host: _Host) -> Any:
+        """Give ``name`` a loader on ``host``; returns the adopt call (None if the host already holds it)."""
         self._next_key += 1
-        self.pools[name].members.append((self._next_key, actor))
-        return actor.adopt.remote(self.sources[name], self.plan.tokenizer, self.plan.seed)
+        host.slots[self._next_key] = name
+        self.pools[name].members.append((self._next_key, host.actor))
+        if name in host.held:
+            return None
+        host.held.add(name)
+        return host.actor.adopt.remote(self.sources[name], self.plan.tokenizer, self.plan.seed)
+
+    def _host_of(self, key: int) -> _Host | None:
+        return next((h for h in self.hosts if key in h.slots), None)
 
     # --- sessions -------------------------------------------------------------------------------
 
@@ -192,40 +237,58 @@ class Planner:
             return list(self.pools[name].members)
 
     def replace(self, name: str, dead: int) -> list[tuple[int, Any]]:
-        """Loader ``dead`` of ``name`` died: a warm shadow adopts the source and joins the pool.
+        """Loader ``dead`` of ``name`` died: a warm shadow adopts every source its process served.
 
-        Idempotent (several constructors may report the same death). Raises ``DataError`` once
-        the source's loaders have died more than ``max_failures`` times: it keeps failing.
+        Idempotent (several constructors, or several sources of one process, report the same
+        death). Each of those sources counts a failure; raises ``DataError`` once one has died
+        more than ``max_failures`` times: it keeps failing.
         """
         with self._lock:
             pool = self.pools[name]
-            gone = [m for m in pool.members if m[0] == dead]
-            if not gone:  # already replaced, or retired by a rescale: nothing failed
+            host = self._host_of(dead)
+            if host is None:  # already replaced, or retired by a rescale: nothing failed
                 return list(pool.members)
-            pool.members.remove(gone[0])
-            ray.kill(gone[0][1])
+            self._drop_host(host)
+            ray.kill(host.actor)
+            moved = list(host.slots.values())
             while True:
-                pool.failures += 1
-                if pool.failures > self.opts["max_failures"]:
+                for n in moved:
+                    self.pools[n].failures += 1
+                failing = [n for n in moved if self.pools[n].failures > self.opts["max_failures"]]
+                if failing:
+                    others = sorted(set(moved) - {failing[0]})
+                    shared = f" (its loader process also served {others})" if others else ""
                     raise DataError(
-                        f"source '{name}': its loader actors died {pool.failures} times "
-                        f"(max_failures={self.opts['max_failures']}); the source keeps failing, stopping"
+                        f"source '{failing[0]}': its loader actors died {self.pools[failing[0]].failures} times "
+                        f"(max_failures={self.opts['max_failures']}); the source keeps failing, stopping{shared}"
                     )
-                shadow = self.shadows.pop(0) if self.shadows else SourceLoader.remote()
+                shadow = _Host(self.shadows.pop(0) if self.shadows else LoaderHost.remote())
                 if len(self.shadows) < self.opts["shadows"]:
-                    self.shadows.append(SourceLoader.remote())  # the next shadow warms up in the background
+                    self.shadows.append(LoaderHost.remote())  # the next shadow warms up in the background
+                self.hosts.append(shadow)
                 try:
-                    ray.get(self._add_loader(name, shadow))
+                    ray.get([self._add_slot(n, shadow) for n in moved])
                 except RayTaskError as exc:  # the source cannot even be opened any more
                     raise data_error(exc) from None
                 except RayActorError:
-                    pool.members.pop()
+                    self._drop_host(shadow)
                     continue
-                pool.takeovers += 1
+                for n in moved:
+                    self.pools[n].takeovers += 1
                 return list(pool.members)
 
+    def _drop_host(self, host: _Host) -> None:
+        """Forget ``host`` and its slots (the caller ends the process)."""
+        self.hosts.remove(host)
+        for key, n in host.slots.items():
+            self.pools[n].members = [m for m in self.pools[n].members if m[0] != key]
+
     def report(self, usage: Mapping[str, tuple[float, int]]) -> dict[str, list[tuple[int, Any]]]:
-        """Add a constructor's measured (CPU seconds, tokens) per source, resize pools, return rosters."""
+        """Add a constructor's measured (CPU seconds, tokens) per source, resize pools, return rosters.
+
+        Pools shrink first (a process left without loaders ends), then grow on the least loaded
+        processes, in new ones while fewer than ``host_count`` run.
+        """
         with self._lock:
             for name, (cpu_s, tokens) in usage.items():
                 self.pools[name].cpu_s += cpu_s
@@ -234,16 +297,27 @@ class Planner:
             cost = [p.cpu_s / p.tokens if p.tokens else 0.0 for p in self.pools.values()]
             demand = [p.tokens for p in self.pools.values()]
             targets = pool_sizes(cost, demand, self.budget, self.opts["min_workers"], self.opts["max_workers"])
-            adopting = []
+            work = {n: c * max(d, 1) or 1.0 for n, c, d in zip(names, cost, demand)}
+            weight = {n: work[n] / t for n, t in zip(names, targets)}  # one loader's share of its source's work
             for name, target in zip(names, targets):
                 pool = self.pools[name]
-                while len(pool.members) < target:
-                    adopting.append(self._add_loader(name))
                 while len(pool.members) > target:
-                    # Queued after the calls already sent to it; a constructor whose later call
-                    # fails sees a retired key and resubmits without counting a failure.
-                    pool.members.pop()[1].__ray_terminate__.remote()
-            ray.get(adopting)
+                    # Calls already sent to a retired slot still succeed (its process keeps the
+                    # source); a process with no slot left ends after the calls queued before
+                    # this, and a constructor whose later call fails sees a retired key and
+                    # resubmits without counting a failure.
+                    key, _ = pool.members.pop()
+                    host = self._host_of(key)
+                    del host.slots[key]
+                    if not host.slots:
+                        self.hosts.remove(host)
+                        host.actor.__ray_terminate__.remote()
+            wanted = host_count(targets, self.budget)
+            adopting = []
+            for name, target in sorted(zip(names, targets), key=lambda nt: -weight[nt[0]]):
+                while len(self.pools[name].members) < target:
+                    adopting.append(self._add_slot(name, self._host_for(name, wanted, weight)))
+            ray.get([ref for ref in adopting if ref is not None])
             return {name: list(p.members) for name, p in self.pools.items()}
 
     # --- introspection ----------------------------------------------------------------------------
@@ -255,19 +329,25 @@ class Planner:
                 "cpu_s_per_token": {n: (p.cpu_s / p.tokens if p.tokens else 0.0) for n, p in self.pools.items()},
                 "loader_failures": {n: p.failures for n, p in self.pools.items()},
                 "takeovers": {n: p.takeovers for n, p in self.pools.items()},
+                "loader_processes": len(self.hosts),
                 "shadows": len(self.shadows),
                 "sessions": len(self.sessions),
             }
 
     def pids(self) -> dict[str, Any]:
-        """Process ids of every role (for fault injection and memory accounting)."""
+        """Process ids of every role (for fault injection and memory accounting).
+
+        ``loaders``: per source, the process of each of its loaders (sources share processes).
+        """
         with self._lock:
-            loaders = {n: [h for _, h in p.members] for n, p in self.pools.items()}
+            slots = {n: [self._host_of(k) for k, _ in p.members] for n, p in self.pools.items()}
+            hosts = list(self.hosts)
             shadows = list(self.shadows)
             constructors = [s["constructor"] for s in self.sessions.values()]
+        pid = dict(zip(map(id, hosts), ray.get([h.actor.pid.remote() for h in hosts])))
         return {
             "planner": os.getpid(),
-            "loaders": {n: ray.get([h.pid.remote() for h in hs]) for n, hs in loaders.items()},
+            "loaders": {n: [pid[id(h)] for h in hs] for n, hs in slots.items()},
             "shadows": ray.get([h.pid.remote() for h in shadows]),
             "constructors": ray.get([c.pid.remote() for c in constructors]),
         }
