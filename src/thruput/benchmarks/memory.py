@@ -6,8 +6,8 @@ excluded:
 
 * thruput: the process starts a 127.0.0.1-only Ray instance and iterates R ``Loader``s with the
   Ray backend. Counted: all of Ray's processes (gcs_server, raylet, dashboard and agents, log
-  monitor, idle workers) and the data plane's actors (planner, constructor, one loader per
-  source, one warm shadow).
+  monitor, idle workers) and the data plane's actors (planner, constructor, the loader processes
+  that the sources share, one per CPU of the loader budget, and one warm shadow).
 * torch DataLoader: R DataLoaders with W workers each (fork), each worker holding every source.
 
 A source's state is an in-memory int64 offset index of ``--source-mb`` MiB, built by the process
@@ -140,18 +140,25 @@ def _cell_thruput(ranks: int, sources: int, state_mb: int, steps: int, shadows: 
     pids = loaders[0].backend.pids()
     stats = loaders[0].stats()
     total, per = descendants_pss()
-    loader_pids = [p for ps in pids["loaders"].values() for p in ps]
-    roles = [pids["planner"], *pids["shadows"], *pids["constructors"], *loader_pids]
-    actors = sum(per.get(p, 0) for p in roles)
+    roles = {  # sources share loader processes: each process counted once
+        "planner": {pids["planner"]},
+        "constructors": set(pids["constructors"]),
+        "loader_processes": {p for ps in pids["loaders"].values() for p in ps},
+        "shadows": set(pids["shadows"]),
+    }
+    by_role = {role: sum(per.get(p, 0) for p in ps) for role, ps in roles.items()}
+    actors = sum(by_role.values())
     for loader in loaders:
         loader.close()
     ray.shutdown()
     return {
         "total_bytes": total,
         "data_plane_actors_bytes": actors,
+        "actors_bytes_by_role": by_role,
         "ray_system_bytes": total - actors,
         "processes": len(per),
         "loaders_per_source": stats["workers"],
+        "loader_processes": len(roles["loader_processes"]),
         "shadows": len(pids["shadows"]),
     }
 
@@ -271,12 +278,13 @@ def run(args: argparse.Namespace) -> dict:
     }
     title = f"data-loading PSS, MiB (source state {args.source_mb} MiB, torch: {args.workers} workers/rank)"
     table = Table(title=title)
-    columns = ("cell", "thruput total", "of which Ray system", "of which actors", "torch DataLoader", "torch / thruput")
+    columns = ("cell", "thruput total", "of which Ray system", "of which actors", "loader processes",
+               "torch DataLoader", "torch / thruput")
     for col in columns:
         table.add_column(col, justify="right")
     mib = 2**20
     idle_mib = f"{idle['total_bytes'] / mib:.0f}"
-    table.add_row("Ray alone, no sources", idle_mib, idle_mib, "0", "-", "-")
+    table.add_row("Ray alone, no sources", idle_mib, idle_mib, "0", "0", "-", "-")
     for ranks, sources in cells:
         key = f"R{ranks}_S{sources}"
         ours = _run_cell({"kind": "thruput", "ranks": ranks, "sources": sources, "shadows": args.shadows, **common})
@@ -288,6 +296,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{ours['total_bytes'] / mib:.0f}",
             f"{ours['ray_system_bytes'] / mib:.0f}",
             f"{ours['data_plane_actors_bytes'] / mib:.0f}",
+            str(ours["loader_processes"]),
             f"{peer['total_bytes'] / mib:.0f}",
             f"{ratio:.2f}x",
         )
