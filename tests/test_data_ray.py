@@ -125,6 +125,20 @@ def test_source_that_keeps_crashing_stops_the_run_with_a_clear_error(ray_address
             take(loader, 40)
 
 
+def test_a_crashing_source_sharing_a_process_is_isolated_then_named(ray_address):
+    # Two CPUs, three sources: "bad" shares a process with "ok2". Its first crash moves both to
+    # the shadow; the second splits them; the third is "bad"'s alone and stops the run.
+    bad = MemorySource("bad", [[i] for i in range(12)], transform=lambda r: os._exit(3) if r == [5] else r)
+    ok = [MemorySource(f"ok{i}", [[1, 2, 3]] * 12) for i in (1, 2)]
+    plan = Plan([bad, *ok], seq_len=4, tokens_per_batch=8, seed=1)
+    opts = ray_opts(ray_address, chunk_docs=2, max_failures=2, shadows=1)
+    with Loader(plan, world_size=1, backend="ray", workers=opts) as loader:
+        with pytest.raises(DataError, match=r"^source 'bad': its loader actors died 3 times \(max_failures=2\)"):
+            take(loader, 40)
+        stats = loader.stats()
+    assert stats["loader_failures"] == {"bad": 3, "ok1": 0, "ok2": 2}  # "ok2" died with "bad" twice, then apart
+
+
 def test_source_error_names_file_and_line(ray_address, tmp_path):
     p = jsonl_with_bad_lines(tmp_path)
     plan = Plan([JsonlSource("web", p, cache_dir=tmp_path)], seq_len=16, tokens_per_batch=64)

@@ -240,8 +240,9 @@ class Planner:
         """Loader ``dead`` of ``name`` died: a warm shadow adopts every source its process served.
 
         Idempotent (several constructors, or several sources of one process, report the same
-        death). Each of those sources counts a failure; raises ``DataError`` once one has died
-        more than ``max_failures`` times: it keeps failing.
+        death). Each of those sources counts a failure. A process that dies again while serving
+        several sources is split, one process per source, so that the next death names its
+        source. Raises ``DataError`` once a source has died more than ``max_failures`` times.
         """
         with self._lock:
             pool = self.pools[name]
@@ -256,26 +257,43 @@ class Planner:
                     self.pools[n].failures += 1
                 failing = [n for n in moved if self.pools[n].failures > self.opts["max_failures"]]
                 if failing:
-                    others = sorted(set(moved) - {failing[0]})
-                    shared = f" (its loader process also served {others})" if others else ""
-                    raise DataError(
-                        f"source '{failing[0]}': its loader actors died {self.pools[failing[0]].failures} times "
-                        f"(max_failures={self.opts['max_failures']}); the source keeps failing, stopping{shared}"
-                    )
-                shadow = _Host(self.shadows.pop(0) if self.shadows else LoaderHost.remote())
-                if len(self.shadows) < self.opts["shadows"]:
-                    self.shadows.append(LoaderHost.remote())  # the next shadow warms up in the background
-                self.hosts.append(shadow)
+                    raise DataError(self._failing(failing))
+                split = len(moved) > 1 and any(self.pools[n].failures > 1 for n in moved)
+                groups = [[n] for n in moved] if split else [moved]
+                hosts = [_Host(self._take_shadow()) for _ in groups]
+                self.hosts.extend(hosts)
                 try:
-                    ray.get([self._add_slot(n, shadow) for n in moved])
+                    ray.get([self._add_slot(n, h) for h, group in zip(hosts, groups) for n in group])
                 except RayTaskError as exc:  # the source cannot even be opened any more
                     raise data_error(exc) from None
                 except RayActorError:
-                    self._drop_host(shadow)
+                    for h in hosts:
+                        self._drop_host(h)
+                        ray.kill(h.actor)
                     continue
                 for n in moved:
                     self.pools[n].takeovers += 1
                 return list(pool.members)
+
+    def _take_shadow(self) -> Any:
+        """A warm shadow (a cold process if none is left); the next shadow warms up in the background."""
+        actor = self.shadows.pop(0) if self.shadows else LoaderHost.remote()
+        if len(self.shadows) < self.opts["shadows"]:
+            self.shadows.append(LoaderHost.remote())
+        return actor
+
+    def _failing(self, failing: list[str]) -> str:
+        limit, deaths = self.opts["max_failures"], max(self.pools[n].failures for n in failing)
+        if len(failing) == 1:
+            return (
+                f"source '{failing[0]}': its loader actors died {deaths} times (max_failures={limit}); "
+                "the source keeps failing, stopping"
+            )
+        names = ", ".join(f"'{n}'" for n in failing)
+        return (
+            f"sources {names}: the loader process they share died {deaths} times (max_failures={limit}); "
+            "one of them keeps failing, stopping"
+        )
 
     def _drop_host(self, host: _Host) -> None:
         """Forget ``host`` and its slots (the caller ends the process)."""
