@@ -113,9 +113,11 @@ class RayBackend:
       Concurrent runs of the same plan need distinct ids.
     * ``min_workers``, ``max_workers``, ``cpu_budget`` (default: the cluster's CPUs): loaders
       per source, sized from measured CPU seconds per token and tokens consumed, re-sized every
-      ``rescale_every`` steps; ``chunk_docs`` documents per load call, ``prefetch_chunks`` calls
-      in flight per source; ``shadows`` warm spare loaders; ``max_failures`` loader deaths per
-      source before the run stops.
+      ``rescale_every`` steps. Sources share loader processes, one per CPU of the budget (a
+      source's own loaders are in distinct processes): many sources do not cost one process
+      (~65 MiB) each. ``chunk_docs`` documents per load call,
+      ``prefetch_chunks`` calls in flight per source; ``shadows`` warm spare loader processes;
+      ``max_failures`` loader deaths per source before the run stops.
     * ``ahead``: steps built past the slowest rank; ``wait_s``: longest wait for one batch
       before ``DataError`` (a rank that stopped iterating); ``max_recoveries``: planner or
       constructor deaths survived per ``open``.
@@ -259,7 +261,7 @@ class RayBackend:
         self._join(suspect=self._session[0])  # the planner drops the dead session, if it still lives
 
     def stats(self) -> dict[str, Any]:
-        """Pool sizes, measured CPU s per token, loader failures and takeovers (last known if closed)."""
+        """Pool sizes, loader processes, measured CPU s per token, failures and takeovers (last known if closed)."""
         if self._session is not None:
             try:
                 self._last_stats = ray.get(self.planner.stats.remote(), timeout=10)

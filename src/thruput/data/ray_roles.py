@@ -78,6 +78,7 @@ def pool_sizes(cost_per_token: Sequence[float], demand: Sequence[float], budget:
             spare -= 1
     return counts.tolist()
 
+
 def host_count(slots: Sequence[int], budget: int) -> int:
     """Loader processes for ``slots`` loaders per source: one per CPU of ``budget``, no more than loaders.
 
