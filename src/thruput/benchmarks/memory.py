@@ -13,7 +13,8 @@ excluded:
 A source's state is an in-memory int64 offset index of ``--source-mb`` MiB, built by the process
 that first reads the source (as a JSONL source loads its byte-offset index, or as a worker opens
 its files in ``worker_init_fn``), so it is private memory in each process that reads it.
-Ray's fixed overhead is measured alone (Ray started, no sources) and reported beside the grid.
+Ray's fixed overhead is measured alone (Ray started, no sources) and reported beside the grid;
+each cell also reports its actors' PSS per role (planner, constructors, loader processes, shadows).
 
 The JSON also holds ``checkpoint``: the size and write time of a differential loader checkpoint
 against a full dump of the same state.
@@ -301,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{ratio:.2f}x",
         )
     result["checkpoint"] = _checkpoint_figures(8)
-    console = Console()
+    console = Console(width=max(Console().width, 130))  # the table needs the columns
     console.print(table)
     ck = result["checkpoint"]
     console.print(
