@@ -239,3 +239,29 @@ def test_pools_grow_for_the_costly_source(ray_address):
     assert len(set(pids["slow"])) == 2  # the costly source's second loader runs in a process of its own
     assert not set(pids["slow"]) & set(pids["fast"])
     assert all(same(a, b) for a, b in zip(got, expected))  # resizing never changes the batches
+
+
+def test_resizing_moves_loaders_between_shared_processes(ray_address):
+    # Planner alone (no session): measured usage makes "a" grow to 3 loaders on a 4-CPU budget
+    # (4 processes), then "c" take them over; every roster entry keeps serving its own source.
+    from thruput.data.ray_roles import Planner
+    from thruput.data.stream import StreamOrder, tokenize_chunk
+
+    plan = make_plan(world_size=1)
+    opts = {**ray_opts(ray_address), "min_workers": 1, "max_workers": 3, "cpu_budget": 4, "max_failures": 0}
+    planner = Planner.remote(plan, "fp", opts)
+    try:
+        grown = ray.get(planner.report.remote({"a": (1.0, 100), "b": (1e-3, 100), "c": (1e-3, 100)}))
+        assert [len(grown[n]) for n in "abc"] == [3, 1, 1]
+        assert ray.get(planner.stats.remote())["loader_processes"] == 4
+        moved = ray.get(planner.report.remote({"a": (0.0, 10**6), "c": (10**4, 100)}))
+        assert [len(moved[n]) for n in "abc"] == [1, 1, 3]
+        pids = ray.get(planner.pids.remote())["loaders"]
+        assert len(set(pids["c"])) == 3 and len({p for ps in pids.values() for p in ps}) == 4
+        for source in plan.sources:
+            want = tokenize_chunk(source, plan.tokenizer, StreamOrder(source, plan.seed), 4, 3)
+            for _, host in moved[source.name]:
+                got = ray.get(host.load.remote(source.name, 4, 3))
+                assert got.records.tolist() == want.records.tolist() and got.tokens.tolist() == want.tokens.tolist()
+    finally:
+        ray.kill(planner)
