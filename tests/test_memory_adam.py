@@ -185,6 +185,27 @@ def test_from_fp32_round_trip() -> None:
     assert (dv[v > 0] > 0).all()
 
 
+def test_8bit_codes_agree_near_perfect_squares(cpp: None) -> None:
+    """The C++ kernel seeds the codes' integer square root with an approximate root, which can be
+    off by one within ~1e-4 (relative) of a perfect square; its codes must still equal the
+    fallback's there. beta1 = 0 makes the new first moment the gradient itself, and each block's
+    largest |value| is 127**2, so the values are their own code units (scale 1)."""
+    gen = torch.Generator().manual_seed(0)
+    blocks, per = 24, adam.BLOCK - 1
+    root = torch.randint(64, 127, (blocks, per), generator=gen).float()
+    off = (torch.rand(blocks, per, generator=gen) - 0.5) * 4e-4 * root**2  # rsqrt14: 2**-14 relative
+    vals = (root**2 + off) * torch.where(torch.rand(blocks, per, generator=gen) < 0.5, -1.0, 1.0)
+    g = torch.cat([torch.full((blocks, 1), 127.0**2), vals], 1).flatten()
+    codes = []
+    for impl in IMPLS:
+        state = AdamState.create(g.numel(), "int8")
+        adamw_step(torch.zeros(g.numel()), g, state, step=1, impl=impl, **{**HP, "beta1": 0.0})
+        codes.append(state.state_dict())
+    assert torch.equal(codes[0]["exp_avg_scale"], torch.ones(blocks))
+    for key in ("exp_avg", "exp_avg_sq", "exp_avg_sq_scale"):
+        assert torch.equal(codes[0][key], codes[1][key]), key
+
+
 def test_bf16_stochastic_rounding_is_unbiased() -> None:
     x = torch.full((1 << 16,), 1.0 + 2.0 ** -10)  # a quarter of the way between two bf16 values
     r = ref.hash32(torch.arange(x.numel()), seed=12345)
