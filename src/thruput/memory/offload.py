@@ -1,58 +1,28 @@
 """OffloadAdamW: fp32 master weights, gradients and Adam states in host memory (ZeRO-Offload).
 
 The model keeps only its parameters, in the training dtype, on the device. During backward each
-gradient is copied to a host bucket as soon as autograd has accumulated it (a
-post-accumulate-grad hook; on CUDA a non-blocking copy on a side stream into pinned memory) and
-the device gradient is freed. ``step()`` runs the one-pass CPU AdamW of
+gradient moves to a host bucket as soon as autograd has accumulated it and the device gradient
+is freed (:mod:`thruput.memory.offload_buckets`). ``step()`` runs the one-pass CPU AdamW of
 :mod:`thruput.memory.adam` bucket by bucket and copies each bucket's updated parameters back as
-soon as it is done (under CUDA overlapping the next bucket's CPU step).
-
-Host layout, per bucket ("segment": parameters of one param group and dtype, in backward order):
-fp32 master, fp32 gradient accumulator, Adam states (fp32/bf16/int8), plus a training-dtype
-staging buffer for updated parameters when the training dtype is not fp32, and one for incoming
-gradients under CUDA or the delayed update. Under CUDA the buffers that cross the bus (master,
-staging) are pinned; the states and the accumulator never leave the host and are not.
+soon as it is done (under CUDA overlapping the next bucket's CPU step). State dicts are
+torch.optim.AdamW's format (:mod:`thruput.memory.offload_state`).
 """
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from thruput.memory.adam import STATE_DTYPES, AdamState, adamw_step
+from thruput.memory.adam import STATE_DTYPES, adamw_step
+from thruput.memory.offload_buckets import (GradientStream, Segment, allocate, allocated_bytes, build_segments,
+                                            check_host_memory, check_params)
+from thruput.memory.offload_state import export_state, import_state
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay")
-
-
-@dataclass(eq=False)
-class Segment:
-    """One flat run of host buffers. ``pieces[i] = (param, p_start, p_end, seg_start)``: elements
-    ``[p_start, p_end)`` of ``param.view(-1)`` live at ``seg_start`` onwards."""
-
-    group: int
-    dtype: torch.dtype
-    pieces: list[tuple[nn.Parameter, int, int, int]]
-    numel: int
-    master: Tensor = field(init=False)
-    grad: Tensor = field(init=False)
-    state: AdamState = field(init=False)
-    grad_stage: Tensor | None = None
-    param_out: Tensor | None = None
-    step: int = 0
-    fresh: list[bool] = field(default_factory=list)  # next gradient of piece i overwrites
-    staged: list[Any] = field(default_factory=list)  # piece i waits in grad_stage (True or a CUDA event)
-    copy_event: Any = None
-
-
-def _fmt(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
+__all__ = ["OffloadAdamW", "Segment"]
 
 def _available_host_bytes() -> int:
     import psutil
@@ -122,185 +92,48 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._steps_done = 0
         self._bg: threading.Thread | None = None
         self._bg_error: BaseException | None = None
-        self._bg_seconds = 0.0
         self._copy_pending = False  # a finished delayed update whose parameters are not on the device yet
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        self.device = self._check_params(trainable)
+        self.device = check_params(trainable)
         self._cuda = self.device.type == "cuda"
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
         self.segments = self._build_segments()
-        self._check_host_memory()
+        check_host_memory(self.segments, self.state_dtype, self._needs_grad_stage(), _available_host_bytes())
         for seg in self.segments:
             self._allocate(seg)
-        self._pieces: dict[int, list[tuple[Segment, int]]] = {}
-        for seg in self.segments:
-            for i, (p, *_rest) in enumerate(seg.pieces):
-                self._pieces.setdefault(id(p), []).append((seg, i))
+        self._grads = GradientStream(self.segments, self.device, self._side, self._join_background)
         self._handles = self._install_grad_path()
 
     # --- construction ----------------------------------------------------------------------
 
-    @staticmethod
-    def _check_params(trainable: list[Tensor]) -> torch.device:
-        if not trainable:
-            raise ValueError("OffloadAdamW got no trainable parameters (all have requires_grad=False)")
-        for i, p in enumerate(trainable):
-            if p.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"OffloadAdamW: trainable parameter {i} (shape {tuple(p.shape)}) has dtype "
-                                f"{p.dtype}; supported are float32, bfloat16 and float16")
-            if not p.is_contiguous():
-                raise ValueError(f"OffloadAdamW: parameter {i} (shape {tuple(p.shape)}) is not contiguous")
-        devices = sorted({str(p.device) for p in trainable})
-        if len(devices) > 1:
-            raise ValueError(f"OffloadAdamW: parameters are on several devices {devices}; "
-                             "move the model to one device first")
-        return trainable[0].device
-
     def _build_segments(self) -> list[Segment]:
-        """Buckets per (param group, dtype), last-registered parameter first (backward order)."""
-        segments: list[Segment] = []
-        for gi, group in enumerate(self.param_groups):
-            params = list({id(p): p for p in group["params"] if p.requires_grad}.values())
-            current: list[nn.Parameter] = []
-
-            def close() -> None:
-                if current:
-                    pieces, off = [], 0
-                    for p in current:
-                        pieces.append((p, 0, p.numel(), off))
-                        off += p.numel()
-                    segments.append(Segment(gi, current[0].dtype, pieces, off))
-                    current.clear()
-
-            size = 0
-            for p in reversed(params):
-                if current and p.dtype != current[0].dtype:
-                    close()
-                    size = 0
-                current.append(p)
-                size += p.numel() * p.element_size()
-                if size >= self.bucket_bytes:
-                    close()
-                    size = 0
-            close()
-        return segments
+        """The host buckets (ZeRO-2 overrides: this rank's shards of the comm buckets)."""
+        return build_segments(self.param_groups, self.bucket_bytes)
 
     def _needs_grad_stage(self) -> bool:
         return self._cuda or self.delayed_update_after is not None
 
-    def _segment_bytes(self, seg: Segment) -> int:
-        """Host bytes ``_allocate`` will create for ``seg``: master and accumulator (8 B), states,
-        and the staging buffers in the training dtype."""
-        item = torch.empty(0, dtype=seg.dtype).element_size()
-        stages = (item if self._needs_grad_stage() else 0) + (item if seg.dtype != torch.float32 else 0)
-        states = {"fp32": 8 * seg.numel, "bf16": 4 * seg.numel,
-                  "int8": 2 * seg.numel + 8 * -(-seg.numel // 256)}[self.state_dtype]
-        return seg.numel * (8 + stages) + states
-
-    def _check_host_memory(self) -> None:
-        need = sum(self._segment_bytes(s) for s in self.segments)
-        available = _available_host_bytes()
-        if need > available:
-            n = sum(s.numel for s in self.segments)
-            raise MemoryError(f"OffloadAdamW needs {_fmt(need)} of host memory for {n:,} parameters "
-                              f"({self.state_dtype} states) but only {_fmt(available)} is available; "
-                              "use state_dtype='bf16' or 'int8', ZeRO-2 over more ranks, or a bigger host")
-
     def _allocate(self, seg: Segment) -> None:
-        pin = self._cuda
-        seg.master = torch.empty(seg.numel, dtype=torch.float32, pin_memory=pin)
-        with torch.no_grad():
-            for p, ps, pe, ss in seg.pieces:
-                seg.master[ss:ss + pe - ps].copy_(p.detach().reshape(-1)[ps:pe])
-        seg.grad = torch.zeros(seg.numel, dtype=torch.float32)
-        seg.state = AdamState.create(seg.numel, self.state_dtype)
-        if self._needs_grad_stage():
-            seg.grad_stage = torch.empty(seg.numel, dtype=seg.dtype, pin_memory=pin)
-        if seg.dtype != torch.float32:
-            seg.param_out = torch.empty(seg.numel, dtype=seg.dtype, pin_memory=pin)
-        seg.fresh = [True] * len(seg.pieces)
-        seg.staged = [None] * len(seg.pieces)
+        allocate(seg, self.state_dtype, pin=self._cuda, grad_stage=self._needs_grad_stage())
 
     def host_bytes(self) -> int:
         """Bytes of host memory this optimizer holds (masters, gradients, states, staging)."""
-        total = 0
-        for s in self.segments:
-            total += s.master.nbytes + s.grad.nbytes + s.state.nbytes()
-            total += sum(t.nbytes for t in (s.grad_stage, s.param_out) if t is not None)
-        return total
+        return sum(allocated_bytes(s) for s in self.segments)
 
     # --- gradients: device -> host ---------------------------------------------------------
 
     def _install_grad_path(self) -> list[Any]:
-        params = {id(p): p for s in self.segments for p, *_ in s.pieces}
-        return [p.register_post_accumulate_grad_hook(self._on_grad) for p in params.values()]
-
-    def _on_grad(self, p: Tensor) -> None:
-        """Move ``p.grad`` into its host bucket (staged or accumulated) and free it."""
-        g = p.grad
-        if g is None:
-            return
-        flat = g.detach().reshape(-1)
-        for seg, i in self._pieces[id(p)]:
-            _, ps, pe, ss = seg.pieces[i]
-            if seg.grad_stage is None:
-                self._accumulate(seg, i, flat[ps:pe])
-                continue
-            if seg.staged[i] is not None:  # an earlier micro-step's gradient still waits there
-                self._fold_piece(seg, i)
-            dst = seg.grad_stage[ss:ss + pe - ps]
-            if self._cuda:
-                self._side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self._side):
-                    dst.copy_(flat[ps:pe], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                g.record_stream(self._side)
-                seg.staged[i] = event
-            else:
-                dst.copy_(flat[ps:pe])
-                seg.staged[i] = True
-        p.grad = None
-
-    def _accumulate(self, seg: Segment, i: int, src: Tensor) -> None:
-        _, ps, pe, ss = seg.pieces[i]
-        dst = seg.grad[ss:ss + pe - ps]
-        if seg.fresh[i]:
-            dst.copy_(src)
-            seg.fresh[i] = False
-        else:
-            dst.add_(src)
-
-    def _fold_piece(self, seg: Segment, i: int) -> None:
-        self._join_background()  # the update reads seg.grad
-        if not isinstance(seg.staged[i], bool):
-            seg.staged[i].synchronize()
-        _, ps, pe, ss = seg.pieces[i]
-        self._accumulate(seg, i, seg.grad_stage[ss:ss + pe - ps])
-        seg.staged[i] = None
+        """Hooks that stream gradients to the host (ZeRO-2 overrides: reduce-scatter instead)."""
+        return self._grads.install()
 
     def _gather_grads(self) -> None:
         """Bring every gradient of this step into the fp32 host buffers; zero the missing ones."""
-        for p in {id(p): p for s in self.segments for p, *_ in s.pieces}.values():
-            if p.grad is not None:  # set by hand, or produced without the hook
-                self._on_grad(p)
-        for seg in self.segments:
-            for i, (_, ps, pe, ss) in enumerate(seg.pieces):
-                if seg.staged[i] is not None:
-                    self._fold_piece(seg, i)
-                elif seg.fresh[i]:
-                    seg.grad[ss:ss + pe - ps].zero_()
-                    seg.fresh[i] = False
+        self._grads.gather()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Start a new accumulation: the next gradient of every parameter overwrites the host
         buffer (no memset). Device gradients are already freed by the hooks."""
-        for seg in self.segments:
-            seg.fresh = [True] * len(seg.pieces)
-            for i, staged in enumerate(seg.staged):
-                if not isinstance(staged, (bool, type(None))):
-                    staged.synchronize()
-            seg.staged = [None] * len(seg.pieces)
+        self._grads.restart()
         for group in self.param_groups:
             for p in group["params"]:
                 p.grad = None
@@ -442,13 +275,11 @@ class OffloadAdamW(torch.optim.Optimizer):
                    weight_decay=float(group["weight_decay"]), grad_scale=grad_scale, impl=self.impl)
 
     def _background_update(self, grad_scale: float) -> None:
-        t0 = time.perf_counter()
         try:
             for seg in self.segments:
                 self._update(seg, grad_scale)
         except BaseException as exc:  # surfaced on the main thread by _join_background
             self._bg_error = exc
-        self._bg_seconds = time.perf_counter() - t0
         self._copy_pending = True
 
     def _join_background(self) -> None:
@@ -510,36 +341,7 @@ class OffloadAdamW(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's format (see the class docstring); finishes a delayed update first."""
         self.flush()
-        index: dict[int, int] = {}
-        groups = []
-        defaults = torch.optim.AdamW([torch.zeros(1)]).param_groups[0]
-        for group in self.param_groups:
-            ids = [index.setdefault(id(p), len(index)) for p in group["params"]]
-            saved = {k: v for k, v in defaults.items() if k != "params"}
-            saved.update({k: v for k, v in group.items() if k != "params"})
-            groups.append({**saved, "params": ids})
-        moments = {id(seg): seg.state.to_fp32() for seg in self.segments}
-        state: dict[int, dict[str, Tensor]] = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                full = {k: torch.zeros(p.numel(), dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq", "master")}
-                step = 0
-                for seg, i in self._pieces.get(id(p), []):  # ZeRO-2: only this rank's pieces
-                    _, ps, pe, ss = seg.pieces[i]
-                    m, v = moments[id(seg)]
-                    full["exp_avg"][ps:pe] = m[ss:ss + pe - ps]
-                    full["exp_avg_sq"][ps:pe] = v[ss:ss + pe - ps]
-                    full["master"][ps:pe] = seg.master[ss:ss + pe - ps]
-                    step = max(step, seg.step)
-                step = int(self._combine(torch.tensor([step], dtype=torch.float64), "max").item())
-                if step == 0:
-                    continue
-                entry = {"step": torch.tensor(float(step))}
-                for k in ("exp_avg", "exp_avg_sq") + (("master",) if p.dtype != torch.float32 else ()):
-                    entry[k] = self._combine(full[k]).view(p.shape)
-                state[index[id(p)]] = entry
+        state, groups = export_state(self.param_groups, self.segments, self._grads.pieces, self._combine)
         scaler = {"scale": self._scale, "good_steps": self._good_steps, "skipped_steps": self.skipped_steps,
                   "steps_done": self._steps_done}
         return {"state": state, "param_groups": groups, "offload": scaler}
@@ -552,48 +354,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         parameter sizes differ.
         """
         self.flush()
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
-                             f"this optimizer has {len(self.param_groups)}")
-        by_id: dict[int, dict[str, Tensor]] = {}
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(f"param group {gi}: loaded state dict has {len(saved['params'])} "
-                                 f"parameters, this optimizer has {len(group['params'])}")
-            for key in ("amsgrad", "maximize"):
-                if saved.get(key):
-                    raise ValueError(f"param group {gi}: {key}=True is not supported by OffloadAdamW")
-            for p, idx in zip(group["params"], saved["params"]):
-                entry = state_dict["state"].get(idx, state_dict["state"].get(str(idx)))
-                if entry is not None:
-                    for key in ("exp_avg", "exp_avg_sq", "master"):
-                        if key in entry and entry[key].numel() != p.numel():
-                            raise ValueError(f"param group {gi}: state {key!r} of parameter {idx} has "
-                                             f"{entry[key].numel()} elements, the parameter {p.numel()}")
-                    by_id[id(p)] = entry
-            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
-        for seg in self.segments:
-            m = torch.zeros(seg.numel, dtype=torch.float32)
-            v = torch.zeros(seg.numel, dtype=torch.float32)
-            step = 0
-            for p, ps, pe, ss in seg.pieces:
-                entry = by_id.get(id(p))
-                n = pe - ps
-                master = entry.get("master") if entry is not None else None
-                source = p.detach() if master is None else master
-                seg.master[ss:ss + n].copy_(source.reshape(-1)[ps:pe])
-                if entry is None:
-                    continue
-                m[ss:ss + n] = entry["exp_avg"].detach().reshape(-1)[ps:pe].float().cpu()
-                v[ss:ss + n] = entry["exp_avg_sq"].detach().reshape(-1)[ps:pe].float().cpu()
-                step = max(step, int(float(entry["step"])))
-            fresh = AdamState.from_fp32(m, v, self.state_dtype)
-            for name in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
-                dst = getattr(seg.state, name)
-                if dst is not None:
-                    dst.copy_(getattr(fresh, name))
-            seg.step = step
+        import_state(self.param_groups, self.segments, self.state_dtype, state_dict)
         extra = state_dict.get("offload")
         if extra is not None:
             self._scale = extra["scale"] if self._scale is not None else None
