@@ -33,7 +33,7 @@ struct Hyper {
   float decay, lerp_coef, beta2, c2, neg_step_size, bc2_sqrt, eps, grad_scale;
   bool lerp_from_m;  // torch's lerp(m, g, w): fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g)
   uint32_t seed;
-  int64_t index_offset;  // global index of master[0] (a multiple of 256), for the rounding hash
+  int64_t index_offset;  // global index of master[0], for the rounding hash
 };
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
@@ -43,13 +43,22 @@ inline uint32_t fmix32(uint32_t x) {
   x ^= x >> 16; x *= 0x85EBCA6Bu; x ^= x >> 13; x *= 0xC2B2AE35u; return x ^ (x >> 16);
 }
 
-// 32 random bits for element i; identical to hash32 in _adam_torch.py. Chunks start at multiples of
-// 256, so a chunk never straddles 2**32 and the high word (folded into hi_mix) is constant in it.
+// 32 random bits for element i; identical to hash32 in _adam_torch.py. The high word of the
+// index (folded into hi_mix) changes at most once in a chunk, where the low word wraps: elements
+// from `wrap` on take the next high word. A select vectorises; a 64-bit index per element would not
+// as cheaply.
 struct Rng {
-  uint32_t lo, hi_mix;
+  uint32_t lo, hi_mix, hi_mix_next, wrap;
   Rng(uint64_t base, uint32_t seed)
-      : lo(static_cast<uint32_t>(base)), hi_mix(static_cast<uint32_t>(base >> 32) * 0x7FEB352Du ^ seed) {}
-  uint32_t at(int64_t k) const { return fmix32((lo + static_cast<uint32_t>(k)) * 0x9E3779B1u ^ hi_mix); }
+      : lo(static_cast<uint32_t>(base)),
+        hi_mix(mix_hi(base >> 32, seed)),
+        hi_mix_next(mix_hi((base >> 32) + 1, seed)),
+        wrap(static_cast<uint32_t>(std::min<uint64_t>((uint64_t{1} << 32) - lo, kBlock))) {}
+  static uint32_t mix_hi(uint64_t hi, uint32_t seed) { return static_cast<uint32_t>(hi) * 0x7FEB352Du ^ seed; }
+  uint32_t at(int64_t k) const {
+    const uint32_t kk = static_cast<uint32_t>(k);
+    return fmix32((lo + kk) * 0x9E3779B1u ^ (kk < wrap ? hi_mix : hi_mix_next));
+  }
 };
 
 // ---- dtype conversions over a chunk -------------------------------------------------------
@@ -306,7 +315,7 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
               static_cast<float>(one_minus_beta2), -static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
               static_cast<float>(eps), static_cast<float>(grad_scale), w < 0.5f, static_cast<uint32_t>(seed),
               index_offset};
-  TORCH_CHECK(index_offset >= 0 && index_offset % kBlock == 0, "adamw_step: index_offset must be a multiple of 256");
+  TORCH_CHECK(index_offset >= 0, "adamw_step: index_offset must be >= 0");
   if (state_dtype == "fp32") {
     TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat, "fp32 states expected");
     run_all<Format::kFp32>(a);
