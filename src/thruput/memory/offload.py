@@ -19,7 +19,7 @@ from torch import Tensor
 
 from thruput.memory.adam import STATE_DTYPES, adamw_step
 from thruput.memory.offload_buckets import (GradientStream, Segment, allocate, allocated_bytes, build_segments,
-                                            check_host_memory, check_params)
+                                            check_host_memory, check_params, copy_to_params, grad_sq_sum)
 from thruput.memory.offload_state import export_state, import_state
 
 __all__ = ["OffloadAdamW", "Segment"]
@@ -52,9 +52,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     that got no gradient is stepped with a zero gradient (its moments still decay), unlike
     torch.optim.AdamW, which skips it. Frozen parameters are left alone.
 
-    ``state_dict()`` is torch.optim.AdamW's format (per parameter ``step``, fp32 ``exp_avg`` and
-    ``exp_avg_sq`` in the parameter's shape; plus the fp32 ``master`` when the training dtype is
-    not fp32), so it loads into a run with torch AdamW, and torch AdamW's loads here.
+    ``state_dict()`` is torch.optim.AdamW's format (plus the fp32 ``master``; see
+    :mod:`thruput.memory.offload_state`): it loads into a run with torch AdamW, and back.
 
     Raises ``TypeError`` for a parameter dtype other than fp32/bf16/fp16, ``ValueError`` for
     parameters on more than one device, non-contiguous parameters or bad arguments, and
@@ -146,6 +145,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         return 1.0 if self._scale is None else self._scale
 
     def scale_loss(self, loss: Tensor) -> Tensor:
+        """``loss`` times :attr:`loss_scale`, to call ``backward()`` on."""
         return loss * self.loss_scale
 
     def _reduce_sum(self, value: float) -> float:
@@ -153,11 +153,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         return value
 
     def _grad_sq_sum(self) -> float:
-        total = 0.0
-        for seg in self.segments:
-            for chunk in seg.grad.split(1 << 20):  # fp64 sums, through a bounded temporary
-                total += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
-        return self._reduce_sum(total)
+        return self._reduce_sum(grad_sq_sum(self.segments))
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
         """Clip the accumulated gradients to global L2 norm ``max_norm`` at the next step.
@@ -294,17 +290,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     # --- parameters: host -> device --------------------------------------------------------
 
     def _copy_segment(self, seg: Segment) -> None:
-        src = seg.master if seg.param_out is None else seg.param_out
-        if self._cuda:
-            self._side.wait_stream(torch.cuda.current_stream(self.device))  # backward has read the params
-            with torch.cuda.stream(self._side):
-                for p, ps, pe, ss in seg.pieces:
-                    p.data.view(-1)[ps:pe].copy_(src[ss:ss + pe - ps], non_blocking=True)
-                seg.copy_event = torch.cuda.Event()
-                seg.copy_event.record()
-        else:
-            for p, ps, pe, ss in seg.pieces:
-                p.data.view(-1)[ps:pe].copy_(src[ss:ss + pe - ps])
+        """Issue ``seg``'s parameter copies (ZeRO-2 overrides: all-gathers in ``_finish_copies``)."""
+        copy_to_params(seg, self.device, self._side)
 
     def _copy_all(self) -> None:
         for seg in self.segments:

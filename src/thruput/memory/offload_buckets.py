@@ -1,4 +1,4 @@
-"""OffloadAdamW's host buckets: their layout, their allocation, and the gradient stream into them.
+"""OffloadAdamW's host buckets: layout, allocation, the gradient stream in and the parameter copies out.
 
 A bucket ("segment") is one flat run of host buffers for parameters of one param group and one
 dtype, in backward order: fp32 master, fp32 gradient accumulator, Adam states (fp32/bf16/int8),
@@ -136,6 +136,35 @@ def allocated_bytes(seg: Segment) -> int:
     """Bytes of ``seg``'s allocated host buffers (masters, gradients, states, staging)."""
     total = seg.master.nbytes + seg.grad.nbytes + seg.state.nbytes()
     return total + sum(t.nbytes for t in (seg.grad_stage, seg.param_out) if t is not None)
+
+
+def grad_sq_sum(segments: list[Segment]) -> float:
+    """Sum of squares of the fp32 gradient accumulators, computed in fp64."""
+    total = 0.0
+    for seg in segments:
+        for chunk in seg.grad.split(1 << 20):  # bounds the fp64 temporary
+            total += float(torch.linalg.vector_norm(chunk, dtype=torch.float64)) ** 2
+    return total
+
+
+def copy_to_params(seg: Segment, device: torch.device, side: Any) -> None:
+    """Copy ``seg``'s updated parameters (``param_out``, or the fp32 master) into the model.
+
+    Under CUDA (``side`` a stream) the copies are issued on ``side`` after the compute stream's
+    work so far (backward has read the parameters) and ``seg.copy_event`` marks their end; the
+    caller makes the compute stream wait for ``side`` before the next forward.
+    """
+    src = seg.master if seg.param_out is None else seg.param_out
+    if side is None:
+        for p, ps, pe, ss in seg.pieces:
+            p.data.view(-1)[ps:pe].copy_(src[ss:ss + pe - ps])
+        return
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for p, ps, pe, ss in seg.pieces:
+            p.data.view(-1)[ps:pe].copy_(src[ss:ss + pe - ps], non_blocking=True)
+        seg.copy_event = torch.cuda.Event()
+        seg.copy_event.record()
 
 
 class GradientStream:
