@@ -4,6 +4,10 @@ During backward, ``thruput.comm.GradientBuckets`` reduce-scatters the gradients 
 (asynchronously, as the buckets fill); at the end of each backward every rank folds the mean of
 its shard into its fp32 host accumulator. ``step()`` runs the CPU AdamW on the shard only and
 all-gathers the updated parameters, bucket by bucket, into every rank's model.
+
+Stochastic rounding draws its noise by an element's index in the buckets laid end to end, which
+does not depend on the world size: bf16 states round to the same bits on any number of ranks.
+(8-bit blocks start where each shard's segments start, so 8-bit states depend on the world size.)
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
         self.world_size = dist.get_world_size(process_group)
         self._nccl = dist.get_backend(process_group) == "nccl"
         self._bucket_segments: dict[int, list[tuple[Segment, int]]] = {}
+        self._global_offset: dict[int, int] = {}  # id(segment) -> index of its first element
         self._queued = False
         super().__init__(params, *args, **kwargs)
 
@@ -63,6 +68,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
         self.comm = GradientBuckets(trainable, bucket_mb=self.bucket_bytes / 2**20, op="reduce_scatter",
                                     on_shard=self._on_shard, group=self.process_group)
         segments: list[Segment] = []
+        bucket_base = 0  # global index of the bucket's first element: unpadded sizes, any world size
         for bucket in self.comm.buckets:
             runs: list[tuple[int, list[tuple[nn.Parameter, int, int, int]]]] = []
             for param, ps, pe, at in bucket.shard_pieces(self.rank):
@@ -76,7 +82,13 @@ class Zero2OffloadAdamW(OffloadAdamW):
                 seg = Segment(gi, bucket.dtype, local, pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - start)
                 segments.append(seg)
                 self._bucket_segments.setdefault(bucket.index, []).append((seg, start))
+                self._global_offset[id(seg)] = bucket_base + self.rank * bucket.shard_numel + start
+            bucket_base += bucket.numel
         return segments
+
+    def _update(self, seg: Segment, grad_scale: float) -> None:
+        seg.state.index_offset = self._global_offset[id(seg)]  # states may be rebuilt by a load
+        super()._update(seg, grad_scale)
 
     def _needs_grad_stage(self) -> bool:
         return False  # reduced shards are folded on the main thread, after any running update
