@@ -35,8 +35,10 @@ def torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     m.lerp_(g, h.one_minus_beta1)  # fma(w, g - m, m), as torch.optim.AdamW does
     v.mul_(h.beta2).addcmul_(g, g, value=h.one_minus_beta2)  # fma(c * g, g, v * beta2)
     u = sqrt_exact(v)
-    denom = u / h.bc2_sqrt + h.eps
-    master.add_((m * -h.step_size) / denom)
+    if state.state_dtype == "fp32":  # torch's order of operations
+        master.add_((m * -h.step_size) / (u / h.bc2_sqrt + h.eps))
+    else:  # one division: sqrt(bias_correction2) moved to the numerator (see adam_elem in adam.cpp)
+        master.add_((m * -h.step_size_bc2) / (u + h.eps_bc2))
     if param_out is not None:
         param_out.copy_(master)
     if state.state_dtype == "fp32":
@@ -79,13 +81,12 @@ def _mul32(x: Tensor, c: int) -> Tensor:
 
 
 def hash32(idx: Tensor, seed: int) -> Tensor:
-    """fmix32((lo32(i) * golden) ^ hi32(i) * k ^ seed): 32 random bits per element index, as int64."""
+    """mix32((lo32(i) * golden) ^ hi32(i) * k ^ seed): 32 random bits per element index, as int64;
+    mix32(x) = x' ^ (x' >> 15) with x' = (x ^ (x >> 16)) * 0x21F0AAAD, as in adam.cpp."""
     x = _mul32(idx & _M32, 0x9E3779B1) ^ _mul32(idx >> 32, 0x7FEB352D) ^ seed
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    return x ^ (x >> 15)
 
 
 def round_bf16_stochastic(x: Tensor, r16: Tensor) -> Tensor:

@@ -9,12 +9,14 @@ the parameter, all in one pass. Two implementations compute the same thing:
 * ``"torch"``: a pure-torch fallback (``_adam_torch.py``), used when there is no compiler (with a
   warning).
 
-Both do the fp32 arithmetic of torch.optim.AdamW's single-tensor step operation by operation
-(its lerp and addcmul are fused multiply-adds; the C++ is built with ``-ffp-contract=off`` and
-calls ``fma`` exactly there), with every operation correctly rounded. The two implementations
-therefore agree bit for bit, including stochastic-rounding decisions, which come from a
-counter-based hash of (step, element index within the flat tensor: a shard draws different
-noise than the whole). They match torch.optim.AdamW(fused=True) on parameters bit for bit; the
+Both do, for fp32 states, the fp32 arithmetic of torch.optim.AdamW's single-tensor step operation
+by operation (its lerp and addcmul are fused multiply-adds; the C++ is built with
+``-ffp-contract=off`` and calls ``fma`` exactly there), with every operation correctly rounded;
+the low-precision formats, which have no torch result to match, divide once instead of twice
+(``step_size * sqrt(bc2) * m / (sqrt(v) + eps * sqrt(bc2))``). The two implementations therefore
+agree bit for bit, including stochastic-rounding decisions, which come from a counter-based hash
+of (step, global element index: see ``index_offset``). With fp32 states they match
+torch.optim.AdamW(fused=True) on parameters bit for bit; the
 default single-tensor AdamW differs by an ulp here and there, because its vectorised fp32 sqrt
 is not correctly rounded on every CPU. Steps with non-finite gradients are the caller's to skip
 (as a loss scaler does): they leave non-finite moments, and 8-bit blocks do not encode NaN.
@@ -236,6 +238,8 @@ class _Hyper:
     grad_scale: float
     seed: int             # 32-bit stochastic-rounding seed for this step
     index_offset: int     # global index of master[0], for the stochastic-rounding hash
+    step_size_bc2: float  # step_size * bc2_sqrt and eps * bc2_sqrt: the low-precision formats'
+    eps_bc2: float        # one-division form, step_size * m / (sqrt(v) + eps * bc2_sqrt) * bc2_sqrt
 
     @classmethod
     def make(cls, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
@@ -245,13 +249,15 @@ class _Hyper:
                 raise ValueError(f"adamw_step: {name} must be in [0, 1), got {val}")
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"adamw_step: lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        return cls(1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2,
-                   lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step), eps, float(grad_scale),
-                   fmix32((step * 0x9E3779B9) & 0xFFFFFFFF), index_offset)
+        step_size, bc2_sqrt = lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
+        return cls(1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, step_size, bc2_sqrt, eps,
+                   float(grad_scale), fmix32((step * 0x9E3779B9) & 0xFFFFFFFF), index_offset,
+                   step_size * bc2_sqrt, eps * bc2_sqrt)
 
     def as_args(self) -> tuple:
         return (self.decay, self.beta1, self.one_minus_beta1, self.beta2, self.one_minus_beta2,
-                self.step_size, self.bc2_sqrt, self.eps, self.grad_scale, self.seed, self.index_offset)
+                self.step_size, self.bc2_sqrt, self.eps, self.grad_scale, self.seed, self.index_offset,
+                self.step_size_bc2, self.eps_bc2)
 
 
 def _check_args(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None, step: int,

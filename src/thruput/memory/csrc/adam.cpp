@@ -34,13 +34,16 @@ struct Hyper {
   bool lerp_from_m;  // torch's lerp(m, g, w): fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g)
   uint32_t seed;
   int64_t index_offset;  // global index of master[0], for the rounding hash
+  float neg_step_bc2, eps_bc2;  // -step_size * bc2_sqrt and eps * bc2_sqrt: the one-division form
 };
 
 inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
-inline uint32_t fmix32(uint32_t x) {
-  x ^= x >> 16; x *= 0x85EBCA6Bu; x ^= x >> 13; x *= 0xC2B2AE35u; return x ^ (x >> 16);
+// One multiply-xorshift round: a vector multiply per element fewer than murmur3's finaliser, and
+// enough to decorrelate neighbouring indices for rounding noise.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16; x *= 0x21F0AAADu; return x ^ (x >> 15);
 }
 
 // 32 random bits for element i; identical to hash32 in _adam_torch.py. The high word of the
@@ -57,7 +60,7 @@ struct Rng {
   static uint32_t mix_hi(uint64_t hi, uint32_t seed) { return static_cast<uint32_t>(hi) * 0x7FEB352Du ^ seed; }
   uint32_t at(int64_t k) const {
     const uint32_t kk = static_cast<uint32_t>(k);
-    return fmix32((lo + kk) * 0x9E3779B1u ^ (kk < wrap ? hi_mix : hi_mix_next));
+    return mix32((lo + kk) * 0x9E3779B1u ^ (kk < wrap ? hi_mix : hi_mix_next));
   }
 };
 
@@ -134,13 +137,20 @@ Dt dtype_of(const at::Tensor& t, const char* name) {
 
 // One element of the update, in place; returns sqrt(v) (the 8-bit format stores v in that domain).
 // kFromM is Hyper::lerp_from_m as a template argument: a select in the loop blocks vectorisation.
-template <bool kFromM>
+// kOneDiv (the low-precision formats, which have no torch result to match bit for bit) moves
+// sqrt(bias_correction2) from the denominator to the numerator: one vector division per element
+// instead of two, and division and sqrt are what the step spends most of its time on.
+template <bool kFromM, bool kOneDiv>
 inline float adam_elem(float& p, float g, float& m, float& v, const Hyper& h) {
   m = std::fma(h.lerp_coef, g - m, kFromM ? m : g);
   v = std::fma(h.c2 * g, g, v * h.beta2);
   const float sq = std::sqrt(v);
-  const float denom = sq / h.bc2_sqrt + h.eps;
-  p = p * h.decay + (h.neg_step_size * m) / denom;  // two roundings, like mul_ then addcdiv_
+  if constexpr (kOneDiv) {
+    p = p * h.decay + (h.neg_step_bc2 * m) / (sq + h.eps_bc2);
+  } else {
+    const float denom = sq / h.bc2_sqrt + h.eps;
+    p = p * h.decay + (h.neg_step_size * m) / denom;  // two roundings, like mul_ then addcdiv_
+  }
   return sq;
 }
 
@@ -207,7 +217,7 @@ void run_chunk(const Args& a, int64_t chunk) {
   if constexpr (F == Format::kFp32) {
     float* __restrict m = static_cast<float*>(a.m) + i0;
     float* __restrict v = static_cast<float*>(a.v) + i0;
-    for (int64_t k = 0; k < n; ++k) adam_elem<kFromM>(p[k], g[k], m[k], v[k], h);
+    for (int64_t k = 0; k < n; ++k) adam_elem<kFromM, false>(p[k], g[k], m[k], v[k], h);
   } else if constexpr (F == Format::kBf16) {
     uint16_t* __restrict mq = static_cast<uint16_t*>(a.m) + i0;
     uint16_t* __restrict vq = static_cast<uint16_t*>(a.v) + i0;
@@ -215,7 +225,7 @@ void run_chunk(const Args& a, int64_t chunk) {
     for (int64_t k = 0; k < n; ++k) {
       float m = bits_to_float(static_cast<uint32_t>(mq[k]) << 16);
       float v = bits_to_float(static_cast<uint32_t>(vq[k]) << 16);
-      adam_elem<kFromM>(p[k], g[k], m, v, h);
+      adam_elem<kFromM, true>(p[k], g[k], m, v, h);
       const uint32_t r = rng.at(k);
       mq[k] = bf16_stochastic(m, r & 0xFFFFu);
       vq[k] = bf16_stochastic(v, r >> 16);
@@ -235,7 +245,7 @@ void run_chunk(const Args& a, int64_t chunk) {
       float m = static_cast<float>(cm * std::abs(cm)) * sm;
       const float u = static_cast<float>(cv * cv) * sv;
       float v = u * u;
-      ub[k] = adam_elem<kFromM>(p[k], g[k], m, v, h);
+      ub[k] = adam_elem<kFromM, true>(p[k], g[k], m, v, h);
       mb[k] = m;
       max_m = std::max(max_m, float_to_bits(m) & 0x7FFFFFFFu);
       max_u = std::max(max_u, float_to_bits(ub[k]) & 0x7FFFFFFFu);
@@ -293,7 +303,7 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
                 c10::optional<at::Tensor> exp_avg_scale, c10::optional<at::Tensor> exp_avg_sq_scale,
                 double decay, double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
                 double step_size, double bc2_sqrt, double eps, double grad_scale, int64_t seed,
-                int64_t index_offset) {
+                int64_t index_offset, double step_size_bc2, double eps_bc2) {
   // Shapes, dtypes and layout are validated in Python (adam.py); these guard direct misuse.
   TORCH_CHECK(master.is_contiguous() && master.scalar_type() == at::kFloat, "adamw_step: master must be contiguous fp32");
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == master.numel(), "adamw_step: grad must be contiguous, numel of master");
@@ -315,6 +325,8 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
               static_cast<float>(one_minus_beta2), -static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
               static_cast<float>(eps), static_cast<float>(grad_scale), w < 0.5f, static_cast<uint32_t>(seed),
               index_offset};
+  a.h.neg_step_bc2 = -static_cast<float>(step_size_bc2);
+  a.h.eps_bc2 = static_cast<float>(eps_bc2);
   TORCH_CHECK(index_offset >= 0, "adamw_step: index_offset must be >= 0");
   if (state_dtype == "fp32") {
     TORCH_CHECK(exp_avg.scalar_type() == at::kFloat && exp_avg_sq.scalar_type() == at::kFloat, "fp32 states expected");
