@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
-from thruput.memory.adam import STATE_DTYPES, adamw_step
+from thruput.memory.adam import STATE_DTYPES, adamw_step, kernel_available
 from thruput.memory.offload_buckets import (GradientStream, Segment, allocate, allocated_bytes, build_segments,
                                             check_host_memory, check_params, copy_to_params, grad_sq_sum)
 from thruput.memory.offload_state import export_state, import_state
@@ -114,6 +114,15 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def _allocate(self, seg: Segment) -> None:
         allocate(seg, self.state_dtype, pin=self._cuda, grad_stage=self._needs_grad_stage())
+
+    @property
+    def kernel(self) -> str:
+        """The CPU kernel the update runs: ``"cpp"`` or ``"torch"``. With ``impl="auto"`` this is
+        ``"torch"`` when the C++ extension cannot be built: two orders of magnitude slower for bf16
+        and int8 states, so benchmarks record it."""
+        if self.impl != "auto":
+            return self.impl
+        return "cpp" if kernel_available() else "torch"
 
     def host_bytes(self) -> int:
         """Bytes of host memory this optimizer holds (masters, gradients, states, staging)."""
