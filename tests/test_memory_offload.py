@@ -327,3 +327,12 @@ def test_cuda_bf16_offload_matches_torch_adamw_on_an_fp32_master():
         opt.zero_grad()
         for m, p in zip(masters, model.parameters()):
             assert torch.equal(p.detach().cpu(), m.detach().bfloat16())
+
+
+def test_kernel_names_the_implementation_that_runs(monkeypatch):
+    params = nn.Linear(4, 4).parameters
+    assert OffloadAdamW(params(), impl="torch").kernel == "torch"
+    monkeypatch.setattr(offload_mod, "kernel_available", lambda: False)  # no compiler: the fallback
+    assert OffloadAdamW(params()).kernel == "torch"
+    monkeypatch.setattr(offload_mod, "kernel_available", lambda: True)
+    assert OffloadAdamW(params()).kernel == "cpp"

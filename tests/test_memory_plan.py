@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from thruput.memory import OffloadAdamW, parse_bytes, plan, render_plan
+from thruput.memory import OffloadAdamW, largest_model, parse_bytes, plan, render_plan
 from thruput.memory.plan import SPEED_ORDER, infer_shape
 from thruput.models import GPT, GPTConfig
 
@@ -171,3 +171,25 @@ def test_estimate_cli_prints_the_table(capsys):
     assert "offload+zero2+ckpt" in out and "fastest that fits: offload" in out
     assert main(["estimate", "--params", "lots", "--device-memory", "24GiB"]) == 2
     assert "cannot parse 'lots'" in capsys.readouterr().err
+
+
+def test_largest_model_ratio_is_bounded_by_the_model_states_and_shrinks_with_activations():
+    """ZeRO-Offload's accounting: 16 B/param on the device without offload, 2 with it, so the
+    largest-model ratio is at most 8; the activations and the gradient bucket, which both arms
+    need, push it below 8, checkpointing brings it back towards 8."""
+    from thruput.benchmarks.offload import largest_models
+
+    device = 80 * 2**30
+    tiny_acts = largest_models(device, batch=1, seq_len=1)["ckpt_off"]
+    assert 7.99 < tiny_acts["ratio"] <= 8.0
+    rows = largest_models(device, batch=4, seq_len=256)
+    assert rows["ckpt_off"]["ratio"] < rows["ckpt_on"]["ratio"] < 8.0
+    with pytest.raises(KeyError, match="no strategy"):
+        largest_model("fastest", device_memory=device)
+    for key, suffix in (("ckpt_off", ""), ("ckpt_on", "+ckpt")):
+        for arm in ("none", "offload"):
+            n = rows[key][arm]
+            args = dict(device_memory=device, host_memory=2**50, batch_size=4, seq_len=256)
+            assert plan(n, **args)[arm + suffix].fits and not plan(int(n * 1.002), **args)[arm + suffix].fits
+        # activations grow with the model: the offload arm's model is bigger, so are they
+        assert rows[key]["offload_activation_bytes"] > rows[key]["none_activation_bytes"]

@@ -162,33 +162,17 @@ def _in_process(fn: Any, *args: Any) -> Any:
         return pool.apply(fn, args)
 
 
-def _largest(strategy: str, device_memory: int, batch: int, seq_len: int) -> int:
-    """Largest parameter count (to 0.1%) whose ``strategy`` fits, by bisection on the planner."""
-    from thruput.memory import plan
-
-    def fits(n: float) -> bool:
-        return plan(int(n), device_memory=device_memory, host_memory=2**50, dtype="bf16",
-                    batch_size=batch, seq_len=seq_len)[strategy].fits
-
-    lo, hi = 1e6, 1e14
-    if not fits(lo):
-        return 0
-    while hi / lo > 1.001:
-        mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return int(lo)
-
-
 def largest_models(device_memory: int, batch: int, seq_len: int) -> dict[str, dict[str, Any]]:
     """Per activation setting (``ckpt_off`` / ``ckpt_on``): the largest bf16 model with plain
     AdamW and with offload, their ratio, and the activation bytes each has at that size."""
     from thruput.memory import plan
+    from thruput.memory.plan import largest_model
 
     out = {}
     for key, suffix in (("ckpt_off", ""), ("ckpt_on", "+ckpt")):
         row: dict[str, Any] = {}
         for arm in ("none", "offload"):
-            n = _largest(arm + suffix, device_memory, batch, seq_len)
+            n = largest_model(arm + suffix, device_memory=device_memory, batch_size=batch, seq_len=seq_len)
             est = plan(max(n, 1), device_memory=device_memory, host_memory=2**50, dtype="bf16",
                        batch_size=batch, seq_len=seq_len)[arm + suffix]
             row[arm] = n

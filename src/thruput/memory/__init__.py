@@ -4,12 +4,13 @@
   and Adam states in host memory; gradients stream to the host during backward.
 * :class:`Zero2OffloadAdamW` -- the same, each data-parallel rank owning a shard (ZeRO-2).
 * :func:`adamw_step` / :class:`AdamState` -- the one-pass CPU AdamW kernel and its states.
-* :func:`plan` -- predicted device and host memory per strategy, and what fits.
+* :func:`plan` -- predicted device and host memory per strategy, and what fits;
+  :func:`largest_model` -- the largest model a strategy fits on a device.
 """
 from thruput.memory.adam import STATE_DTYPES, AdamState, adamw_step, kernel_available
 from thruput.memory.offload import OffloadAdamW
-from thruput.memory.plan import MemoryPlan, StrategyEstimate, parse_bytes, plan, render_plan
+from thruput.memory.plan import MemoryPlan, StrategyEstimate, largest_model, parse_bytes, plan, render_plan
 from thruput.memory.shard import Zero2OffloadAdamW
 
 __all__ = ["STATE_DTYPES", "AdamState", "MemoryPlan", "OffloadAdamW", "StrategyEstimate", "Zero2OffloadAdamW",
-           "adamw_step", "kernel_available", "parse_bytes", "plan", "render_plan"]
+           "adamw_step", "kernel_available", "largest_model", "parse_bytes", "plan", "render_plan"]

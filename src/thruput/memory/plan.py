@@ -25,6 +25,10 @@ Korthikanti et al. 2022, without the attention-score term that fused SDPA never 
 With activation checkpointing only each layer's input is kept and one layer is recomputed at a
 time: ``b*s*d*L*p + b*s*d*k``. Logits are not counted (use a fused cross-entropy).
 
+These are ZeRO-Offload's (arXiv 2101.06840) figures: 16 B/param of model states without
+offload, 2 with it, so the largest model that fits grows at most 8x (:func:`largest_model`);
+activations and the gradient bucket, which both need, keep the ratio below 8.
+
 Host memory is per machine: the per-rank host bytes times ``min(W, gpus_per_host)``.
 A strategy fits when its device bytes <= ``device_memory`` and its host bytes <=
 ``host_memory``; no headroom is added for the allocator or the framework.
@@ -232,6 +236,27 @@ def plan(
     best = next((n for n in SPEED_ORDER if by_name[n].fits), None)
     return MemoryPlan(P, T, dtype, state_dtype, W, int(device_memory), int(host_memory), batch_size,
                       seq_len, d_model, n_layers, tuple(estimates), best)
+
+
+def largest_model(strategy: str, *, device_memory: int, batch_size: int = 1, seq_len: int = 2048,
+                  dtype: str = "bf16", host_memory: int = 2**50, **kwargs) -> int:
+    """The largest parameter count (to 0.1%) whose ``strategy`` fits ``device_memory``, by
+    bisection over :func:`plan` (the shape follows :func:`infer_shape`, so activations grow
+    with the model); 0 when not even 1M parameters fit. ``kwargs`` go to :func:`plan`.
+
+    Raises ``KeyError`` for an unknown strategy, else like :func:`plan`.
+    """
+    def fits(n: float) -> bool:
+        return plan(int(n), device_memory=device_memory, host_memory=host_memory, dtype=dtype,
+                    batch_size=batch_size, seq_len=seq_len, **kwargs)[strategy].fits
+
+    lo, hi = 1e6, 1e14
+    if not fits(lo):
+        return 0
+    while hi / lo > 1.001:
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return int(lo)
 
 
 def format_bytes(n: float) -> str:
