@@ -193,3 +193,11 @@ def test_largest_model_ratio_is_bounded_by_the_model_states_and_shrinks_with_act
             assert plan(n, **args)[arm + suffix].fits and not plan(int(n * 1.002), **args)[arm + suffix].fits
         # activations grow with the model: the offload arm's model is bigger, so are they
         assert rows[key]["offload_activation_bytes"] > rows[key]["none_activation_bytes"]
+
+
+def test_offload_device_gradients_hold_at_least_the_largest_parameter_gradient():
+    model = nn.Sequential(nn.Embedding(1_000_000, 64, device="meta"), nn.Linear(64, 64, device="meta"))
+    off = plan(model, device_memory=2**40, host_memory=2**50, dtype="bf16")["offload"]
+    assert off.device_parts["grads_in_flight"] == 2 * 64_000_000  # > the 32 MiB bucket
+    small = plan(nn.Linear(64, 64, device="meta"), device_memory=2**40, host_memory=2**50, dtype="bf16")
+    assert small["offload"].device_parts["grads_in_flight"] == 2 * (64 * 64 + 64)  # all of T*p < bucket

@@ -22,7 +22,8 @@ from thruput.memory.offload_buckets import (GradientStream, Segment, allocate, a
                                             check_host_memory, check_params, copy_to_params, grad_sq_sum)
 from thruput.memory.offload_state import export_state, import_state
 
-__all__ = ["OffloadAdamW", "Segment"]
+__all__ = ["OffloadAdamW", "Segment"]  # Segment: for ZeRO-2 (shard.py)
+
 
 def _available_host_bytes() -> int:
     import psutil

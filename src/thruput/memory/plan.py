@@ -10,7 +10,8 @@ Model states, per device (the no-offload rows are torch AdamW, fp32 states):
 * ``none``: ``P*p`` params + ``T*p`` grads + ``T*4`` fp32 master (only when ``p != 4``) +
   ``T*8`` states: 16 bytes/param in bf16 (2 + 2 + 4 + 8) and in fp32 (4 + 4 + 8).
 * ``offload`` (:class:`~thruput.memory.OffloadAdamW`): ``P*p`` params + ``min(T*p, B)``
-  gradients in flight (each gradient leaves the device as soon as it is accumulated).
+  gradients in flight (each gradient leaves the device as soon as it is accumulated), or, for
+  a module, at least its largest trainable parameter's gradient, which exists whole first.
   Host: ``T * (4 + S + 4)`` (fp32 master, states, fp32 gradient accumulator) + ``T*p`` pinned
   gradient staging (CUDA only) + ``T*p`` updated-parameter staging (only when ``p != 4``):
   16 bytes/param on CPU with fp32 states, 20 in bf16 on CUDA, 16 with bf16 states.
@@ -139,12 +140,14 @@ def infer_shape(n_params: int, d_model: int | None = None, n_layers: int | None 
     return max(64, 64 * round(d / 64)), n_layers
 
 
-def _model_counts(model: torch.nn.Module) -> tuple[int, int, int | None, int | None]:
+def _model_counts(model: torch.nn.Module) -> tuple[int, int, int, int | None, int | None]:
+    """(parameters, trainable, largest trainable, d_model, n_layers) of a module."""
     unique = {id(p): p for p in model.parameters()}
     total = sum(p.numel() for p in unique.values())
-    trainable = sum(p.numel() for p in unique.values() if p.requires_grad)
+    trainable = [p.numel() for p in unique.values() if p.requires_grad]
     cfg = getattr(model, "cfg", None)
-    return total, trainable, getattr(cfg, "d_model", None), getattr(cfg, "n_layers", None)
+    return (total, sum(trainable), max(trainable, default=0), getattr(cfg, "d_model", None),
+            getattr(cfg, "n_layers", None))
 
 
 def _available_host_memory() -> int:
@@ -180,11 +183,12 @@ def plan(
     Raises ``ValueError`` for a non-positive size or count, an unknown dtype or state dtype.
     """
     if isinstance(model_or_params, torch.nn.Module):
-        n_params, n_trainable, cfg_d, cfg_l = _model_counts(model_or_params)
+        n_params, n_trainable, largest, cfg_d, cfg_l = _model_counts(model_or_params)
         d_model = d_model if d_model is not None else cfg_d
         n_layers = n_layers if n_layers is not None else cfg_l
     else:
         n_params = n_trainable = int(model_or_params)
+        largest = 0  # unknown: the bucket bounds the gradients in flight
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     checks = {"parameter count": n_params, "device_memory": device_memory, "world_size": world_size,
@@ -216,7 +220,7 @@ def plan(
         if kind == "none":
             return ({"params": P * p, "grads": T * p, "master": T * 4 if p != 4 else 0, "states": T * 8}, {})
         if kind == "offload":
-            return {"params": P * p, "grads_in_flight": min(T * p, bucket)}, offload_host
+            return {"params": P * p, "grads_in_flight": max(min(T * p, bucket), largest * p)}, offload_host
         return ({"params": P * p, "grad_buckets": T * p, "grad_shards": -(-T * p // W),
                  "all_gather": min(T * p, bucket)},
                 {k: -(-v // W) for k, v in offload_host.items()})
