@@ -141,6 +141,25 @@ def test_param_out_is_master_rounded_to_nearest(cpp: None, out_dtype: torch.dtyp
     assert torch.equal(out, master.to(out_dtype))
 
 
+def test_param_out_rounds_special_values_like_torch(cpp: None) -> None:
+    """Infinities, zeros, subnormals and ties in the master reach the bf16 copy as .to(bfloat16)
+    makes them, and NaN stays NaN (torch's own NaN payload differs between its scalar and vector
+    conversions). No weight decay and a zero gradient leave the master as it is."""
+    tiny = torch.finfo(torch.float32).tiny
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, tiny / 3, -tiny / 7,
+                            tiny * 0.99, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8])
+    master = torch.randn(4 * 16 + 5)
+    master[16:16 + special.numel()] = special  # one vector with specials, the others without
+    master[-3:] = special[5:8]  # and in the ragged tail
+    out = torch.empty(master.numel(), dtype=torch.bfloat16)
+    expected = master.to(torch.bfloat16)
+    adamw_step(master, torch.zeros_like(master), AdamState.create(master.numel()), out, step=1, impl="cpp",
+               **{**HP, "weight_decay": 0.0})
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan) and nan.sum() == 1
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_grad_scale_divides_the_gradient(impl: str, request: pytest.FixtureRequest) -> None:
     _impl_fixture(impl, request)

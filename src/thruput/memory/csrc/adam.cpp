@@ -79,7 +79,8 @@ inline void load_half(const at::Half* src, int64_t n, float* dst) {
   for (; k < n; ++k) dst[k] = static_cast<float>(src[k]);
 }
 
-// Round to nearest even, NaN to the canonical quiet NaN: what Tensor.to(torch.bfloat16) does.
+// Round to nearest even, like Tensor.to(torch.bfloat16); NaN to the quiet NaN 0x7FC0 (torch's
+// scalar conversion gives that, its vectorised one 0xFFFF).
 inline void store_bf16(const float* src, int64_t n, uint16_t* dst) {
   for (int64_t k = 0; k < n; ++k) {
     const uint32_t u = float_to_bits(src[k]);
