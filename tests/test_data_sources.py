@@ -21,7 +21,7 @@ from thruput.data import (
     TextFilesSource,
     stdlib_corpus,
 )
-from thruput.data.corpus import docstrings
+from thruput.data.corpus import docstrings, sections, stdlib_files, stdlib_sections
 
 
 def write_jsonl(path, lines):
@@ -165,3 +165,22 @@ def test_stdlib_corpus_code_and_prose():
     assert isinstance(text, str) and len(text) > 0
     assert docstrings('"""Mod."""\ndef f():\n    """Fn."""\n') == "Mod.\n\nFn."
     assert docstrings("def (") == ""
+
+
+def test_sections_cut_at_line_ends_and_rejoin():
+    assert sections("a\nbb\nccc\n", 6) == ["a\nbb\n", "ccc\n"]
+    # An over-long line is cut between characters, never inside a multi-byte one (é is 2 bytes).
+    assert sections("a\n" + "é" * 5 + "\n", 4) == ["a\n", "éé", "éé", "é\n"]
+    text = stdlib_files(3)[0].read_text(encoding="utf-8")
+    parts = sections(text, 257)
+    assert "".join(parts) == text and max(len(p.encode()) for p in parts) <= 257
+    with pytest.raises(ValueError, match="at least 4"):
+        sections("x", 3)
+
+
+def test_stdlib_sections_cached_jsonl(tmp_path):
+    path = stdlib_sections(129, max_files=3, directory=tmp_path)
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    modules = [p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(3)]
+    assert texts == [t for m in modules for t in sections(m, 129)]
+    assert stdlib_sections(129, max_files=3, directory=tmp_path) == path  # cached, not rewritten

@@ -32,8 +32,8 @@ class SourceConfig:
     """One data source. ``kind`` picks the reader; ``path`` is a file, a glob or a folder."""
 
     name: str
-    kind: Literal["stdlib_code", "stdlib_prose", "stdlib_long", "stdlib_functions", "stdlib_docstrings",
-                  "jsonl", "parquet", "text"] = "stdlib_code"
+    kind: Literal["stdlib_code", "stdlib_prose", "stdlib_long", "stdlib_sections", "stdlib_functions",
+                  "stdlib_docstrings", "jsonl", "parquet", "text"] = "stdlib_code"
     path: str | None = None
     text_field: str = "text"
     weight: float = 1.0

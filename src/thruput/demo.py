@@ -6,9 +6,11 @@
 * **thruput**: the data plane (packing, balancing, per-source workers), OffloadAdamW, the fused
   cross-entropy and shape-bucketed compile, each switchable (``LEVERS``).
 
-The corpus is made on the fly from the Python standard library: whole modules (long documents),
-one function or class per document (hundreds of bytes) and one docstring per document (tens to
-hundreds of bytes). Both runs see the same token mixture: the thruput plan weights sources by the
+The corpus is made on the fly from the Python standard library: modules cut at line ends into
+sections of one row (``seq_len`` + 1 bytes; the baseline would cut them into such chunks anyway,
+and a short run then draws code from many modules rather than reading a few end to end), one
+function or class per document (hundreds of bytes) and one docstring per document (tens to
+hundreds of bytes). With byte tokens, ``seq_len`` 1024 is a 1 KiB context. Both runs see the same token mixture: the thruput plan weights sources by the
 baseline sampler's expected token shares. The thruput batch holds as many rows as the baseline's
 mean labelled tokens per step fill, and it runs as many steps as it takes to train on the same
 number of labelled tokens, so the loss curves are comparable token for token. Both models are
@@ -35,10 +37,10 @@ SOURCES = ("code", "functions", "docstrings")
 class DemoSetup:
     """Sizes of the demo workload; ``tiny`` is for tests."""
 
-    seq_len: int = 512
+    seq_len: int = 1024
     # The baseline sampler's share of samples (chunks) per source.
     sample_mix: dict[str, float] = field(default_factory=lambda: {"code": 0.2, "functions": 0.4, "docstrings": 0.4})
-    baseline_rows: int = 8
+    baseline_rows: int = 9  # its mean labelled tokens fill 3.9 packed rows: 4 rows, 59 steps against 60
     steps: int = 60  # baseline steps; the thruput run trains on the same labelled tokens
     model: dict[str, Any] = field(default_factory=lambda: {"d_model": 128, "n_layers": 4, "n_heads": 4})
     train_files: int = 600
@@ -72,7 +74,7 @@ class RunOutcome:
 
 
 def _sources(setup: DemoSetup, token_shares: dict[str, float] | None) -> list[dict[str, Any]]:
-    kinds = {"code": "stdlib_code", "functions": "stdlib_functions", "docstrings": "stdlib_docstrings"}
+    kinds = {"code": "stdlib_sections", "functions": "stdlib_functions", "docstrings": "stdlib_docstrings"}
     shares = token_shares or setup.sample_mix
     return [{"name": n, "kind": kinds[n], "weight": shares[n], "max_files": setup.train_files} for n in SOURCES]
 
@@ -121,14 +123,15 @@ class DemoWorkload:
         """Held-out batches: documents of the stdlib modules after the training files, packed."""
         if self._eval is None:
             from thruput.data import Loader, MemorySource, Plan
-            from thruput.data.corpus import definitions, stdlib_files
+            from thruput.data.corpus import definitions, sections, stdlib_files
 
             s = self.setup
             files = stdlib_files(s.train_files + s.eval_files)[s.train_files:]
-            code = [p.read_text(encoding="utf-8", errors="replace") for p in files]
-            functions, docs = [], []
-            for text in code:
+            modules = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+            code, functions, docs = [], [], []
+            for text in modules:
                 f, d = definitions(text)
+                code += sections(text, s.seq_len + 1)
                 functions += f
                 docs += d
             sources = [MemorySource(n, texts, weight=self.token_shares[n])

@@ -128,7 +128,7 @@ def batch_flops(model: GPT, batch: dict) -> float:
 def build_sources(cfg: RunConfig) -> list:
     """The configured sources as ``thruput.data`` sources (the stdlib kinds need no files)."""
     from thruput.data import JsonlSource, ParquetSource, TextFilesSource
-    from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files
+    from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files, stdlib_sections
 
     sources = []
     for s in cfg.data.sources:
@@ -141,6 +141,10 @@ def build_sources(cfg: RunConfig) -> list:
             # The largest modules: long documents that packing must split across rows.
             files = sorted(stdlib_files(), key=lambda p: (-p.stat().st_size, str(p)))[: s.max_files or 64]
             sources.append(TextFilesSource(s.name, sorted(files), **common))
+        elif s.kind == "stdlib_sections":
+            # Modules cut at line ends into sections of one row each (seq_len + 1 byte tokens).
+            path = stdlib_sections(cfg.data.seq_len + 1, s.max_files)
+            sources.append(JsonlSource(s.name, path, text_key="text", **common))
         elif s.kind in ("stdlib_functions", "stdlib_docstrings"):
             path = stdlib_definitions(s.max_files)[s.kind.removeprefix("stdlib_")]
             sources.append(JsonlSource(s.name, path, text_key="text", **common))

@@ -8,6 +8,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from thruput.atomic import write_atomic
 from thruput.data.sources import Source, TextFilesSource
 
 _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3"}
@@ -49,6 +50,35 @@ def definitions(code: str) -> tuple[list[str], list[str]]:
     return functions, docs
 
 
+def sections(code: str, max_bytes: int) -> list[str]:
+    """``code`` cut at line ends into consecutive sections of at most ``max_bytes`` UTF-8 bytes.
+
+    A line longer than ``max_bytes`` is cut between characters. Joining the sections gives
+    ``code`` back.
+    """
+    if max_bytes < 4:  # room for any one UTF-8 character
+        raise ValueError(f"max_bytes must be at least 4, got {max_bytes}")
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in code.splitlines(keepends=True):
+        n = len(line.encode("utf-8", errors="replace"))
+        if size + n > max_bytes and current:
+            out.append("".join(current))
+            current, size = [], 0
+        while n > max_bytes:  # a single over-long line: cut it between characters
+            cut, used = 0, 0
+            while cut < len(line) and used + (w := len(line[cut].encode("utf-8", errors="replace"))) <= max_bytes:
+                cut, used = cut + 1, used + w
+            out.append(line[:cut])
+            line, n = line[cut:], n - used
+        current.append(line)
+        size += n
+    if current:
+        out.append("".join(current))
+    return out
+
+
 def default_corpus_dir() -> Path:
     """Where generated corpora are cached: ``$THRUPUT_CACHE/corpus`` or ``~/.cache/thruput/corpus``."""
     return Path(os.environ.get("THRUPUT_CACHE", Path.home() / ".cache" / "thruput")) / "corpus"
@@ -76,6 +106,25 @@ def stdlib_definitions(max_files: int | None = None, directory: Path | None = No
     for k, p in paths.items():
         tmp[k].replace(p)
     return paths
+
+
+def stdlib_sections(max_bytes: int, max_files: int | None = None, directory: Path | None = None) -> Path:
+    """A JSONL file ``{"text": ...}`` of the standard library's modules cut into ``sections``.
+
+    Each record is a run of whole lines of one module, at most ``max_bytes`` UTF-8 bytes: with
+    ``max_bytes = seq_len + 1`` and byte tokens a section is one training row, so a short run
+    draws code from many modules instead of reading a few long ones end to end. Cached like
+    ``stdlib_definitions``.
+    """
+    key = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}-{max_files or 'all'}"
+    path = (directory or default_corpus_dir()) / key / f"sections-{max_bytes}.jsonl"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = (json.dumps({"text": t}) + "\n" for f in stdlib_files(max_files)
+               for t in sections(f.read_text(encoding="utf-8", errors="replace"), max_bytes))
+    write_atomic(path, lambda out: out.writelines(r.encode() for r in records))
+    return path
 
 
 def stdlib_corpus(
