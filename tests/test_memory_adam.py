@@ -89,6 +89,25 @@ def test_cpp_and_torch_fallback_agree_bit_for_bit(cpp: None, state_dtype: str) -
                 assert torch.equal(a[2], b[2])
 
 
+def test_fp32_division_free_bias_correction_is_exact(cpp: None) -> None:
+    """The C++ fp32 step divides sqrt(v) by sqrt(bias_correction2) with a multiply and a residual
+    correction; over gradients of every magnitude fp32 can square and several betas (so several
+    divisors) it must still give the fallback's correctly rounded bits."""
+    gen = torch.Generator().manual_seed(3)
+    n = 4096
+    scale = 10.0 ** torch.randint(-18, 18, (n,), generator=gen).float()
+    for beta2 in (0.999, 0.95, 0.5):
+        runs = []
+        for impl in IMPLS:
+            master, state = torch.ones(n), AdamState.create(n, "fp32")
+            for t in range(1, 12):
+                g = torch.randn(n, generator=torch.Generator().manual_seed(t)) * scale
+                adamw_step(master, g, state, step=t, impl=impl, **{**HP, "beta2": beta2})
+            runs.append((master, state.exp_avg, state.exp_avg_sq))
+        for x, y in zip(*runs):
+            assert torch.equal(x, y), beta2
+
+
 def test_cpp_and_torch_agree_with_small_beta1(cpp: None) -> None:
     """beta1 < 0.5 takes torch's other lerp formula, fma(w - 1, g - m, g)."""
     results = []
