@@ -243,14 +243,14 @@ def test_from_fp32_round_trip() -> None:
 
 
 def test_8bit_codes_agree_near_perfect_squares(cpp: None) -> None:
-    """The C++ kernel seeds the codes' integer square root with an approximate root, which can be
-    off by one within ~1e-4 (relative) of a perfect square; its codes must still equal the
-    fallback's there. beta1 = 0 makes the new first moment the gradient itself, and each block's
-    largest |value| is 127**2, so the values are their own code units (scale 1)."""
+    """Where the codes' square roots land on or next to integers (the C++ kernel's vector sqrt
+    against the fallback's fp64 one), the codes must agree. beta1 = 0 makes the new first moment
+    the gradient itself, and each block's largest |value| is 127**2, so the values are their own
+    code units (scale 1)."""
     gen = torch.Generator().manual_seed(0)
     blocks, per = 24, adam.BLOCK - 1
     root = torch.randint(64, 127, (blocks, per), generator=gen).float()
-    off = (torch.rand(blocks, per, generator=gen) - 0.5) * 4e-4 * root**2  # rsqrt14: 2**-14 relative
+    off = (torch.rand(blocks, per, generator=gen) - 0.5) * 4e-4 * root**2
     vals = (root**2 + off) * torch.where(torch.rand(blocks, per, generator=gen) < 0.5, -1.0, 1.0)
     g = torch.cat([torch.full((blocks, 1), 127.0**2), vals], 1).flatten()
     codes = []

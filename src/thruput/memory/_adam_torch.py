@@ -104,11 +104,8 @@ def blocks(x: Tensor) -> Tensor:
 
 def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
     """Code q in [0, levels] with q**2 ~= y (y in units of the block scale), unbiased in value:
-    t = min(floor_sqrt(y), levels - 1) rounds up to t + 1 with probability (y - t**2) / (2t + 1),
-    where floor_sqrt(y) is the largest integer whose square is <= y."""
-    t = torch.floor(sqrt_exact(y))
-    t = t - (t * t > y).to(torch.float32)  # a root rounded up to the next integer (t * t is exact)
-    t = torch.clamp(t, max=levels - 1)
+    t = floor(sqrt(y)) rounds up to t + 1 with probability (y - t**2) / (2t + 1)."""
+    t = torch.clamp(torch.floor(sqrt_exact(y)), max=levels - 1)
     r = r16.to(torch.float32) * (1.0 / 65536.0)
     return t + (r * (t * 2.0 + 1.0) < y - t * t).to(torch.float32)
 

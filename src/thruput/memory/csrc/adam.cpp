@@ -4,8 +4,7 @@
 // per-chunk scratch buffers stay in L1). Each chunk reads every input stream from memory once and
 // writes every output stream once; the gradient and parameter-copy conversions run over L1
 // scratch. Inner loops are plain loops that GCC vectorises at -O3 -march=native (checked with
-// -fopt-info-vec), plus AVX-512 intrinsics where the compiler will not pick an instruction
-// (rsqrt14); threads of at::parallel_for claim pieces of chunks as they go.
+// -fopt-info-vec); threads of at::parallel_for claim pieces of chunks as they go.
 //
 // The arithmetic mirrors torch.optim.AdamW's single-tensor step operation by operation (lerp and
 // addcmul are fused multiply-adds there, so they are std::fma here; everything else is a single
@@ -21,7 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
-#if defined(__F16C__) || defined(__AVX512F__)
+#if defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -162,34 +161,10 @@ inline float adam_elem(float& p, float g, float& m, float& v, const Hyper& h) {
 
 // ---- 8-bit blockwise codes (see the module docstring of adam.py) ---------------------------
 
-// y = |x| * inv and sqrt(y) to within 0.02 (for y <= 2**16), over a block. The root only seeds
-// sq_code's exact floor square root, so the result does not depend on the approximation; rsqrt14
-// costs a fraction of a correctly rounded vector sqrt, which was a third of the 8-bit step.
-inline void scale_and_root(const float* x, float inv, int64_t n, float* y, float* root) {
-  int64_t k = 0;
-#if defined(__AVX512F__)
-  const __m512 vinv = _mm512_set1_ps(inv), tiny = _mm512_set1_ps(FLT_MIN);  // y = 0: 0 * finite, not 0 * inf
-  for (; k + 16 <= n; k += 16) {
-    const __m512 yk = _mm512_mul_ps(_mm512_abs_ps(_mm512_loadu_ps(x + k)), vinv);
-    _mm512_storeu_ps(y + k, yk);
-    _mm512_storeu_ps(root + k, _mm512_mul_ps(yk, _mm512_rsqrt14_ps(_mm512_max_ps(yk, tiny))));
-  }
-#endif
-  for (; k < n; ++k) {
-    y[k] = std::fabs(x[k]) * inv;
-    root[k] = std::sqrt(y[k]);
-  }
-}
-
-// q in [0, levels] with q*q ~= y, rounded up with probability (y - t*t) / (2t + 1), where
-// t = min(floor_sqrt(y), levels - 1) and floor_sqrt(y) is the largest integer t with t*t <= y
-// (root, within 0.5 of sqrt(y), seeds it; t*t is exact in fp32). y is finite and >= 0, so
-// truncation is floor (and, unlike floorf, vectorises without -fno-trapping-math).
-inline float sq_code(float y, float root, uint32_t r16, float levels_minus_1) {
-  float t = static_cast<float>(static_cast<int32_t>(root));
-  t = t * t > y ? t - 1.0f : t;
-  t = (t + 1.0f) * (t + 1.0f) <= y ? t + 1.0f : t;
-  t = std::min(t, levels_minus_1);
+// q in [0, levels] with q*q ~= y, rounded up with probability (y - t*t) / (2t + 1). y is finite
+// and >= 0, so truncation is floor (and, unlike floorf, vectorises without -fno-trapping-math).
+inline float sq_code(float y, uint32_t r16, float levels_minus_1) {
+  const float t = std::min(static_cast<float>(static_cast<int32_t>(std::sqrt(y))), levels_minus_1);
   const float r = static_cast<float>(static_cast<int32_t>(r16)) * (1.0f / 65536.0f);
   return t + (r * (t * 2.0f + 1.0f) < y - t * t ? 1.0f : 0.0f);
 }
@@ -263,14 +238,11 @@ void run_chunk(const Args& a, int64_t chunk) {
     // makes every code 0 and keeps |x| * inv finite, which sq_code needs.
     const float inv_m = scale_m >= FLT_MIN ? 1.0f / scale_m : 0.0f;
     const float inv_v = scale_v >= FLT_MIN ? 1.0f / scale_v : 0.0f;
-    alignas(64) float ym[kBlock], yv[kBlock], rm[kBlock], rv[kBlock];
-    scale_and_root(mb, inv_m, n, ym, rm);
-    scale_and_root(ub, inv_v, n, yv, rv);
     const Rng rng(static_cast<uint64_t>(h.index_offset + i0), h.seed);
     for (int64_t k = 0; k < n; ++k) {
       const uint32_t r = rng.at(k);
-      const float cm = sq_code(ym[k], rm[k], r & 0xFFFFu, 126.0f);
-      const float cv = std::max(sq_code(yv[k], rv[k], r >> 16, 254.0f), ub[k] > 0.0f ? 1.0f : 0.0f);
+      const float cm = sq_code(std::fabs(mb[k]) * inv_m, r & 0xFFFFu, 126.0f);
+      const float cv = std::max(sq_code(ub[k] * inv_v, r >> 16, 254.0f), ub[k] > 0.0f ? 1.0f : 0.0f);
       qm[k] = static_cast<int8_t>(static_cast<int32_t>(mb[k] < 0.0f ? -cm : cm));
       qv[k] = static_cast<uint8_t>(static_cast<int32_t>(cv));
     }
