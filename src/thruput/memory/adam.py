@@ -18,8 +18,9 @@ agree bit for bit, including stochastic-rounding decisions, which come from a co
 of (step, global element index: see ``index_offset``). With fp32 states they match
 torch.optim.AdamW(fused=True) on parameters bit for bit; the
 default single-tensor AdamW differs by an ulp here and there, because its vectorised fp32 sqrt
-is not correctly rounded on every CPU. Steps with non-finite gradients are the caller's to skip
-(as a loss scaler does): they leave non-finite moments, and 8-bit blocks do not encode NaN.
+is not correctly rounded on every CPU. Steps with non-finite gradients, or gradients whose square
+overflows fp32 (above 1.8e19), are the caller's to skip (as a loss scaler does): they leave
+non-finite moments, 8-bit blocks do not encode NaN, and the two implementations may differ there.
 
 State formats (``AdamState``):
 
@@ -238,8 +239,8 @@ class _Hyper:
     grad_scale: float
     seed: int             # 32-bit stochastic-rounding seed for this step
     index_offset: int     # global index of master[0], for the stochastic-rounding hash
-    step_size_bc2: float  # step_size * bc2_sqrt and eps * bc2_sqrt: the low-precision formats'
-    eps_bc2: float        # one-division form, step_size * m / (sqrt(v) + eps * bc2_sqrt) * bc2_sqrt
+    step_size_bc2: float  # step_size * bc2_sqrt and eps * bc2_sqrt, for the low-precision formats'
+    eps_bc2: float        # one-division form (step_size * bc2_sqrt) * m / (sqrt(v) + eps * bc2_sqrt)
 
     @classmethod
     def make(cls, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
