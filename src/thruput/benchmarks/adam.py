@@ -12,6 +12,10 @@ the update rate, over the machine's copy bandwidth measured in the same run: byt
 written per second by a large ``dst.copy_(src)`` and by an in-place ``x.mul_(1.0)``, whichever
 is higher (copy_ also pays a read for ownership of dst that it does not count, so on some
 machines the in-place pass is the better estimate of what the memory system can do).
+
+On a machine shared with other work, wall-clock step times move in scheduler ticks, so the run
+also reports a load-robust check: each implementation on one thread, timed in that thread's CPU
+seconds (``cpu_1thread``; work per parameter, memory stalls included, other tenants excluded).
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="passes over all implementations per size")
     parser.add_argument("--reps", type=int, default=3, help="timed steps per implementation per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation per round")
+    parser.add_argument("--cpu-check", type=float, default=20,
+                        help="millions of params for the one-thread CPU-time check (0: skip it)")
 
 
 @dataclass
@@ -138,6 +144,34 @@ def _time_arm(arm: Arm, master0: torch.Tensor, grad: torch.Tensor, warmup: int, 
     return times
 
 
+def cpu_time_check(arms: list[Arm], n: int, reps: int) -> dict:
+    """Median thread CPU seconds per step of each arm on one thread, as ns/param, and the ratios."""
+    gen = torch.Generator().manual_seed(0)
+    master0 = torch.randn(n, generator=gen)
+    grad = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        samples: dict[str, list[float]] = {arm.name: [] for arm in arms}
+        for r in range(2):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                step = arm.make(master0, grad)
+                step()
+                for _ in range(reps):
+                    t0 = time.thread_time()
+                    step()
+                    samples[arm.name].append(time.thread_time() - t0)
+                del step
+                gc.collect()
+    finally:
+        torch.set_num_threads(threads)
+    ns = {arm.name: 1e9 * statistics.median(samples[arm.name]) / n for arm in arms}
+    peer = min(ns[arm.name] for arm in arms if arm.peer)
+    return {"params": n, "ns_per_param": ns,
+            "fp32_vs_best_peer": peer / ns["thruput fp32"],
+            "lowp_vs_best_peer": peer / min(ns["thruput bf16"], ns["thruput int8"])}
+
+
 def run(args: argparse.Namespace) -> dict:
     if not kernel_available():
         raise SystemExit(f"thruput bench adam: the C++ kernel did not build: {kernel_build_error()}")
@@ -175,6 +209,9 @@ def run(args: argparse.Namespace) -> dict:
         per_size_rows[millions] = {arm.name: (arm, statistics.median(samples[arm.name])) for arm in arms}
         del master0, grad
         gc.collect()
+    cpu_millions = 10 if args.quick else args.cpu_check
+    if cpu_millions > 0:
+        result["cpu_1thread"] = cpu_time_check(arms, int(cpu_millions * 1e6), reps)
     measured = {k: statistics.median(v) for k, v in bw_samples.items()}
     bandwidth = max(measured.values())
     result["machine"].update({"copy_bandwidth_GBps": bandwidth / 1e9,
@@ -218,4 +255,9 @@ def run(args: argparse.Namespace) -> dict:
                     f"low-precision states {result['thruput_lowp_vs_best_peer']:.2f}x (goal 2.0), "
                     f"fp32 at {100 * result['thruput_fp32_bandwidth_fraction']:.0f}% of copy bandwidth (goal 85%); "
                     f"DeepSpeedCPUAdam {result['deepspeed']}; load average {load_before[0]:.1f} before")
+    if "cpu_1thread" in result:
+        cpu = result["cpu_1thread"]
+        console.print(f"one thread, CPU time ({cpu['params'] / 1e6:.0f}M params): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in cpu["ns_per_param"].items()) + " ns/param; fp32 vs best peer "
+            f"{cpu['fp32_vs_best_peer']:.2f}x, low-precision {cpu['lowp_vs_best_peer']:.2f}x")
     return result
