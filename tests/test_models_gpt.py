@@ -34,7 +34,7 @@ def test_position_ids_of_plain_row_equal_causal_path(model: GPT) -> None:
 def test_row_starting_mid_document_is_one_document(model: GPT) -> None:
     x = torch.randint(0, 64, (1, 20))
     pos = torch.arange(57, 77)[None]
-    from thruput.models.gpt import document_mask
+    from thruput.models.segments import document_mask
 
     mask = document_mask(pos)
     assert mask.sum().item() == 20 * 21 // 2
@@ -69,3 +69,51 @@ def test_bad_config_names_the_problem(kwargs: dict, key: str) -> None:
 def test_too_long_sequence_is_rejected(model: GPT) -> None:
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 49, dtype=torch.long))
+
+
+def _random_packed_positions(gen: torch.Generator, rows: int, t: int) -> torch.Tensor:
+    pos = []
+    for _ in range(rows):
+        row: list[int] = []
+        while len(row) < t:  # documents of 1 to t tokens, the first possibly mid-document
+            n = int(torch.randint(1, t + 1, (1,), generator=gen))
+            start = int(torch.randint(0, 50, (1,), generator=gen)) if not row else 0
+            row += range(start, start + min(n, t - len(row)))
+        pos.append(row)
+    return torch.tensor(pos)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_attention_equals_masked_sdpa_forward_and_backward(seed: int) -> None:
+    from thruput.models.segments import Segments, document_mask, segment_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    b, h, t, d = 3, 2, 70, 8
+    pos = _random_packed_positions(gen, b, t)
+    q, k, v = (torch.randn(b, h, t, d, generator=gen, requires_grad=True) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(pos))
+    got = segment_attention(q, k, v, Segments.from_position_ids(pos))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(b, h, t, d, generator=gen)
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    got_grads = torch.autograd.grad((got * w).sum(), (q, k, v))
+    for g, r in zip(got_grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_segments_cover_every_position_once_in_few_groups() -> None:
+    from thruput.models.segments import Segments
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0] + list(range(18)) + list(range(40))])
+    segments = Segments.from_position_ids(pos)
+    covered = torch.cat([index[valid] for index, valid in segments.groups])
+    assert sorted(covered.tolist()) == list(range(64))
+    # lengths 3, 2, 1 -> 16; 18 -> 24; 40 -> 48
+    assert sorted(index.shape for index, _ in segments.groups) == [(1, 24), (1, 48), (3, 16)]
+
+
+def test_compiled_packed_forward_equals_eager(model: GPT) -> None:
+    x = torch.randint(0, 64, (2, 40))
+    pos = torch.cat([torch.arange(7), torch.arange(33)]).expand(2, 40)
+    compiled = torch.compile(model.hidden)
+    torch.testing.assert_close(compiled(x, pos), model.hidden(x, pos), atol=1e-5, rtol=1e-5)

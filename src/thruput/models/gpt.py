@@ -1,8 +1,9 @@
 """A small decoder-only GPT: RMSNorm, rotary embeddings, SDPA attention, MLP.
 
 It accepts packed rows: ``position_ids`` that restart at 0 mark where a document begins, and
-attention is then confined to each document (a block-diagonal causal mask). Without
-``position_ids`` a row is one causal sequence and SDPA's fused causal path is used.
+attention is then confined to each document, at a cost that follows the documents' lengths
+(``thruput.models.segments``). Without ``position_ids`` a row is one causal sequence and SDPA's
+fused causal path is used.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from thruput.models.segments import Segments, segment_attention
 
 
 @dataclass
@@ -63,21 +66,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, T] mask: causal, and only within the same document.
-
-    A document starts wherever a position does not continue the previous one (so a row that
-    begins mid-document, with positions 57, 58, ..., is still one document).
-    """
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    doc = starts.cumsum(dim=1)
-    same_doc = doc[:, :, None] == doc[:, None, :]
-    t = position_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
-    return (same_doc & causal)[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -87,15 +75,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments | None
     ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if mask is None:
+        if segments is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = segment_attention(q, k, v, segments)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -119,9 +107,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments | None
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        x = x + self.attn(self.attn_norm(x), cos, sin, segments)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -159,18 +147,18 @@ class GPT(nn.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
         if position_ids is None:
-            mask = None
+            segments = None
             positions = torch.arange(t, device=input_ids.device).expand(b, t)
         else:
             if position_ids.shape != input_ids.shape:
                 raise ValueError(
                     f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
                 )
-            mask, positions = document_mask(position_ids), position_ids
+            segments, positions = Segments.from_position_ids(position_ids), position_ids
         cos, sin = rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
         x = self.embed(input_ids)
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
+            x = block(x, cos, sin, segments)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
