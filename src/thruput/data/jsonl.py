@@ -25,7 +25,7 @@ def default_cache_dir() -> Path:
 
 def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, end, line number) of every non-blank line; ``end`` excludes the newline."""
-    starts, ends = [], []
+    ends: list[np.ndarray] = []
     offset = 0
     with path.open("rb") as f:
         while True:
