@@ -33,11 +33,11 @@ def _run(impl: str, n: int, state_dtype: str, steps: int, grad_dtype=torch.float
     gen = torch.Generator().manual_seed(1)
     master = torch.randn(n, generator=gen)
     state = AdamState.create(n, state_dtype)
-    state.index_offset = index_offset
     out = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
     for t in range(1, steps + 1):
         g = (torch.randn(n, generator=gen) * 0.1).to(grad_dtype)
-        adamw_step(master, g, state, out, step=t, impl=impl, grad_scale=grad_scale, **HP)
+        adamw_step(master, g, state, out, step=t, impl=impl, grad_scale=grad_scale, index_offset=index_offset,
+                   **HP)
     return master, state, out
 
 

@@ -52,24 +52,39 @@ class Bucket:
         return pieces
 
 
-def plan_buckets(params: Iterable[torch.nn.Parameter], bucket_bytes: int, world_size: int) -> list[Bucket]:
-    """Group trainable ``params`` into buckets of about ``bucket_bytes``, last-registered first.
+def group_in_backward_order(params: Iterable[torch.nn.Parameter], bucket_bytes: int) -> list[list[torch.nn.Parameter]]:
+    """Split ``params`` into runs of about ``bucket_bytes``, last-registered first.
 
     Backward produces the gradients of the last layers first, so reversing the registration
-    order makes the first bucket fill (and its collective start) earliest. A bucket is closed
-    when it reaches ``bucket_bytes`` or when dtype/device changes, since one flat buffer holds
-    one dtype on one device. Shared parameters are counted once.
+    order makes the first run fill earliest. A run is closed when it reaches ``bucket_bytes`` or
+    when dtype/device changes, since one flat buffer holds one dtype on one device.
     """
+    groups: list[list[torch.nn.Parameter]] = []
+    current: list[torch.nn.Parameter] = []
+    size = 0
+    for p in reversed(list(params)):
+        if current and (p.dtype != current[0].dtype or p.device != current[0].device):
+            groups.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel() * p.element_size()
+        if size >= bucket_bytes:
+            groups.append(current)
+            current, size = [], 0
+    if current:
+        groups.append(current)
+    return groups
+
+
+def plan_buckets(params: Iterable[torch.nn.Parameter], bucket_bytes: int, world_size: int) -> list[Bucket]:
+    """Group trainable ``params`` into buckets of about ``bucket_bytes`` in backward order
+    (:func:`group_in_backward_order`); shared parameters are counted once."""
     unique: dict[int, torch.nn.Parameter] = {}
     for p in params:
         if p.requires_grad:
             unique.setdefault(id(p), p)
     buckets: list[Bucket] = []
-    current: list[torch.nn.Parameter] = []
-
-    def close() -> None:
-        if not current:
-            return
+    for current in group_in_backward_order(unique.values(), bucket_bytes):
         offsets, total = [], 0
         for p in current:
             offsets.append(total)
@@ -77,19 +92,6 @@ def plan_buckets(params: Iterable[torch.nn.Parameter], bucket_bytes: int, world_
         padded = -(-total // world_size) * world_size
         buckets.append(Bucket(len(buckets), tuple(current), tuple(offsets), total, padded,
                               world_size, current[0].dtype, current[0].device))
-        current.clear()
-
-    size = 0
-    for p in reversed(list(unique.values())):
-        if current and (p.dtype != current[0].dtype or p.device != current[0].device):
-            close()
-            size = 0
-        current.append(p)
-        size += p.numel() * p.element_size()
-        if size >= bucket_bytes:
-            close()
-            size = 0
-    close()
     return buckets
 
 

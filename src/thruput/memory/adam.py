@@ -65,10 +65,6 @@ class AdamState:
     ``exp_avg`` / ``exp_avg_sq`` hold fp32 or bf16 moments, or the int8 / uint8 codes of the
     8-bit format, whose per-block scales are ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32,
     ``ceil(numel / 256)`` each; ``None`` for the other formats).
-
-    ``index_offset`` is where element 0 sits in the flat parameter space that stochastic rounding
-    draws its noise by (see ``adamw_step``); a shard sets it to its global offset. It is layout,
-    not state: ``state_dict`` leaves it out.
     """
 
     state_dtype: str
@@ -77,7 +73,6 @@ class AdamState:
     exp_avg_sq: Tensor
     exp_avg_scale: Tensor | None = None
     exp_avg_sq_scale: Tensor | None = None
-    index_offset: int = 0
 
     @classmethod
     def create(cls, numel: int, state_dtype: str = "fp32", pin: bool = False) -> AdamState:
@@ -186,7 +181,7 @@ def _check_state_dtype(state_dtype: str) -> None:
 
 def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None = None, *,
                step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-               grad_scale: float = 1.0, impl: str = "auto", index_offset: int | None = None) -> None:
+               grad_scale: float = 1.0, impl: str = "auto", index_offset: int = 0) -> None:
     """One in-place AdamW update over flat contiguous CPU tensors.
 
     master: fp32 1-D; grad: bf16/fp16/fp32 1-D of the same numel, divided by ``grad_scale``
@@ -196,7 +191,7 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     reproducible. Decoupled weight decay exactly like torch.optim.AdamW.
 
     index_offset: where ``master[0]`` sits in a larger flat tensor that this call updates a
-    shard of (default: ``state.index_offset``, itself 0 by default). Stochastic rounding draws
+    shard of. Stochastic rounding draws
     its noise by this global index, so bf16 states of shards cut anywhere reproduce the unsharded
     bits exactly; 8-bit blocks start at ``master[0]``, so 8-bit shards do where they are cut at
     multiples of 256.
@@ -206,8 +201,6 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     raise ValueError naming the argument.
     """
     _check_args(master, grad, state, param_out, step, grad_scale, impl)
-    if index_offset is None:
-        index_offset = state.index_offset
     if not isinstance(index_offset, int) or isinstance(index_offset, bool) \
             or not 0 <= index_offset < 2**63 - master.numel():
         raise ValueError(f"adamw_step: index_offset must be a non-negative int, got {index_offset!r}")

@@ -278,7 +278,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         adamw_step(seg.master, seg.grad, seg.state, seg.param_out, step=seg.step, lr=float(group["lr"]),
                    beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                   weight_decay=float(group["weight_decay"]), grad_scale=grad_scale, impl=self.impl)
+                   weight_decay=float(group["weight_decay"]), grad_scale=grad_scale, impl=self.impl,
+                   index_offset=seg.index_offset)
 
     def _background_update(self, grad_scale: float) -> None:
         try:

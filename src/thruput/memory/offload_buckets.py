@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from thruput.comm.buckets import group_in_backward_order
 from thruput.memory.adam import AdamState
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,12 +28,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @dataclass(eq=False)
 class Segment:
     """One flat run of host buffers. ``pieces[i] = (param, p_start, p_end, seg_start)``: elements
-    ``[p_start, p_end)`` of ``param.view(-1)`` live at ``seg_start`` onwards."""
+    ``[p_start, p_end)`` of ``param.view(-1)`` live at ``seg_start`` onwards. ``index_offset``:
+    the global index of element 0, by which stochastic rounding draws (a ZeRO-2 shard's offset)."""
 
     group: int
     dtype: torch.dtype
     pieces: list[tuple[nn.Parameter, int, int, int]]
     numel: int
+    index_offset: int = 0
     master: Tensor = field(init=False)
     grad: Tensor = field(init=False)
     state: AdamState = field(init=False)
@@ -70,29 +73,13 @@ def build_segments(param_groups: list[dict[str, Any]], bucket_bytes: int) -> lis
     last-registered parameter first (backward order). Frozen parameters get none."""
     segments: list[Segment] = []
     for gi, group in enumerate(param_groups):
-        params = list({id(p): p for p in group["params"] if p.requires_grad}.values())
-        current: list[nn.Parameter] = []
-
-        def close() -> None:
-            if current:
-                pieces, off = [], 0
-                for p in current:
-                    pieces.append((p, 0, p.numel(), off))
-                    off += p.numel()
-                segments.append(Segment(gi, current[0].dtype, pieces, off))
-                current.clear()
-
-        size = 0
-        for p in reversed(params):
-            if current and p.dtype != current[0].dtype:
-                close()
-                size = 0
-            current.append(p)
-            size += p.numel() * p.element_size()
-            if size >= bucket_bytes:
-                close()
-                size = 0
-        close()
+        params = {id(p): p for p in group["params"] if p.requires_grad}.values()
+        for run in group_in_backward_order(params, bucket_bytes):
+            pieces, off = [], 0
+            for p in run:
+                pieces.append((p, 0, p.numel(), off))
+                off += p.numel()
+            segments.append(Segment(gi, run[0].dtype, pieces, off))
     return segments
 
 

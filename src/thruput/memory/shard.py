@@ -50,7 +50,6 @@ class Zero2OffloadAdamW(OffloadAdamW):
         self.world_size = dist.get_world_size(process_group)
         self._nccl = dist.get_backend(process_group) == "nccl"
         self._bucket_segments: dict[int, list[tuple[Segment, int]]] = {}
-        self._global_offset: dict[int, int] = {}  # id(segment) -> index of its first element
         self._queued = False
         super().__init__(params, *args, **kwargs)
 
@@ -79,16 +78,12 @@ class Zero2OffloadAdamW(OffloadAdamW):
             for gi, pieces in runs:
                 start = pieces[0][3]
                 local = [(p, ps, pe, at - start) for p, ps, pe, at in pieces]
-                seg = Segment(gi, bucket.dtype, local, pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - start)
+                seg = Segment(gi, bucket.dtype, local, pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - start,
+                              index_offset=bucket_base + self.rank * bucket.shard_numel + start)
                 segments.append(seg)
                 self._bucket_segments.setdefault(bucket.index, []).append((seg, start))
-                self._global_offset[id(seg)] = bucket_base + self.rank * bucket.shard_numel + start
             bucket_base += bucket.numel
         return segments
-
-    def _update(self, seg: Segment, grad_scale: float) -> None:
-        seg.state.index_offset = self._global_offset[id(seg)]  # states may be rebuilt by a load
-        super()._update(seg, grad_scale)
 
     def _needs_grad_stage(self) -> bool:
         return False  # reduced shards are folded on the main thread, after any running update
