@@ -32,7 +32,7 @@ def _run(impl: str, n: int, state_dtype: str, steps: int, grad_dtype=torch.float
          grad_scale: float = 1.0, index_offset: int = 0):
     gen = torch.Generator().manual_seed(1)
     master = torch.randn(n, generator=gen)
-    state = AdamState.create(n, state_dtype)
+    state = AdamState.create(n, state_dtype, index_offset=index_offset)
     out = None if out_dtype is None else torch.empty(n, dtype=out_dtype)
     for t in range(1, steps + 1):
         g = (torch.randn(n, generator=gen) * 0.1).to(grad_dtype)
@@ -122,16 +122,16 @@ def test_cpp_and_torch_agree_with_small_beta1(cpp: None) -> None:
 @pytest.mark.parametrize("state_dtype", STATE_DTYPES)
 def test_shards_with_index_offset_reproduce_the_whole(cpp: None, state_dtype: str) -> None:
     """A shard given its global offset draws the whole's rounding noise: bf16 shards cut anywhere,
-    8-bit shards cut between blocks. The global indices here cross 2**32 inside the first shard
-    (the hash folds the high word in separately)."""
+    8-bit shards cut on the global grid of blocks, which the whole does not start on. The global
+    indices here cross 2**32 inside the first shard (the hash folds the high word in separately)."""
     n = 5 * adam.BLOCK + 9
-    cut = 2 * adam.BLOCK + (0 if state_dtype == "int8" else 37)
     base = 2**32 - 300
+    cut = 2 * adam.BLOCK + (-base % adam.BLOCK if state_dtype == "int8" else 37)
     whole_master, whole_state, _ = _run("torch", n, state_dtype, 3, index_offset=base)
     gen = torch.Generator().manual_seed(1)
     master = torch.randn(n, generator=gen)
-    shards = [(master[:cut], AdamState.create(cut, state_dtype), 0, "cpp"),
-              (master[cut:], AdamState.create(n - cut, state_dtype), cut, "torch")]
+    shards = [(master[:cut], AdamState.create(cut, state_dtype, index_offset=base), 0, "cpp"),
+              (master[cut:], AdamState.create(n - cut, state_dtype, index_offset=base + cut), cut, "torch")]
     for t in range(1, 4):
         g = torch.randn(n, generator=gen) * 0.1
         for shard, state, offset, impl in shards:
@@ -145,13 +145,24 @@ def test_shards_with_index_offset_reproduce_the_whole(cpp: None, state_dtype: st
         assert not torch.equal(zero.exp_avg, whole_state.exp_avg)
 
 
-def test_cpp_and_torch_agree_across_the_32_bit_index_boundary(cpp: None) -> None:
+@pytest.mark.parametrize("state_dtype", ("bf16", "int8"))
+def test_cpp_and_torch_agree_across_the_32_bit_index_boundary(cpp: None, state_dtype: str) -> None:
+    """Offsets that cross 2**32 and (8-bit) start mid-block: short first and last blocks."""
     n = 3 * adam.BLOCK
     for offset in (2**32 - 100, 2**33 - adam.BLOCK, 2**40 + 3):
-        a = _run("cpp", n, "bf16", 2, index_offset=offset)
-        b = _run("torch", n, "bf16", 2, index_offset=offset)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1].exp_avg, b[1].exp_avg), offset
-        assert torch.equal(a[1].exp_avg_sq, b[1].exp_avg_sq), offset
+        a = _run("cpp", n, state_dtype, 2, index_offset=offset)
+        b = _run("torch", n, state_dtype, 2, index_offset=offset)
+        assert torch.equal(a[0], b[0]), offset
+        for x, y in zip(a[1].state_dict().values(), b[1].state_dict().values()):
+            assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, offset
+
+
+def test_8bit_state_must_be_created_for_its_block_phase() -> None:
+    state = AdamState.create(1000, "int8", index_offset=300)
+    assert state.block_phase == 44 and state.exp_avg_scale.numel() == 5  # 212 + 256 + 256 + 256 + 20
+    with pytest.raises(ValueError, match="block phase of 44.*index_offset 301"):
+        adamw_step(torch.zeros(1000), torch.zeros(1000), state, step=1, index_offset=301, impl="torch", **HP)
+    assert AdamState.from_state_dict(state.state_dict()).block_phase == 44
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)

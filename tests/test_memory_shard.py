@@ -4,7 +4,8 @@ Bitwise because the one-rank reference accumulates the two halves' gradients in 
 reduce-scatter sums them, and both run the same elementwise CPU kernel. (Against a reference
 that is merely close, Adam amplifies last-bit gradient noise wherever a gradient is ~eps.) With
 bf16 states it is bitwise too: stochastic rounding draws by global element index, so the shards
-round as the whole does."""
+round as the whole does; with 8-bit states, whose blocks lie on a grid of that index and whose
+shards are cut on it."""
 from __future__ import annotations
 
 import pytest
@@ -93,19 +94,24 @@ def _worker(rank: int, init_file: str, steps: int) -> None:
         opt2.step()
         for p, q in zip(model.parameters(), fresh.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)  # summed in another order
-        _bf16_states_match_one_rank(rank, steps, halves)
+        for state_dtype in ("bf16", "int8"):
+            _low_precision_states_match_one_rank(rank, steps, halves, state_dtype)
     finally:
         dist.destroy_process_group()
 
 
-def _bf16_states_match_one_rank(rank: int, steps: int, halves: list[slice]) -> None:
-    """Two ranks with bf16 states against ZeRO-2 on a one-rank group (every rank runs its own)."""
+def _low_precision_states_match_one_rank(rank: int, steps: int, halves: list[slice], state_dtype: str) -> None:
+    """Two ranks with bf16 or 8-bit states against ZeRO-2 on a one-rank group (every rank runs its own)."""
     alone = [dist.new_group([r]) for r in range(WORLD)]  # every rank creates every group
     ref, model = _gpt(), _gpt()
-    kw = dict(lr=1e-2, bucket_mb=0.03, impl=IMPL, state_dtype="bf16")
+    kw = dict(lr=1e-2, bucket_mb=0.03, impl=IMPL, state_dtype=state_dtype)
     ref_opt = Zero2OffloadAdamW(_groups(ref), process_group=alone[rank], **kw)
     opt = Zero2OffloadAdamW(_groups(model), **kw)
-    assert opt.comm.buckets[0].shard_numel % 256  # shards are not block-aligned: only the offset helps
+    if state_dtype == "bf16":
+        assert opt.comm.buckets[0].shard_numel % 256  # shards are not block-aligned: only the offset helps
+    else:  # shards are cut on blocks; param groups still split blocks inside a shard
+        assert all(b.shard_numel % 256 == 0 for b in opt.comm.buckets)
+        assert any(s.index_offset % 256 for s in ref_opt.segments)
     for step in range(steps):
         rows = _batch(100 + step)
         for half in halves:

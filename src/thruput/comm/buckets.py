@@ -17,9 +17,9 @@ class Bucket:
     """A group of parameters whose gradients travel in one flat buffer.
 
     ``offsets[i]`` is where ``params[i]``'s flattened gradient starts in the buffer. The buffer
-    is ``padded_numel`` long (``numel`` rounded up to a multiple of the world size, zeros in the
-    tail) so that it splits into ``world_size`` equal shards of ``shard_numel`` elements; rank
-    ``r`` owns buffer elements ``[r * shard_numel, (r + 1) * shard_numel)``.
+    is ``padded_numel`` long (``numel`` rounded up to a multiple of the world size times the
+    shard alignment, zeros in the tail) so that it splits into ``world_size`` equal shards of
+    ``shard_numel`` elements; rank ``r`` owns buffer elements ``[r * shard_numel, (r + 1) * shard_numel)``.
     """
 
     index: int
@@ -76,9 +76,11 @@ def group_in_backward_order(params: Iterable[torch.nn.Parameter], bucket_bytes: 
     return groups
 
 
-def plan_buckets(params: Iterable[torch.nn.Parameter], bucket_bytes: int, world_size: int) -> list[Bucket]:
+def plan_buckets(params: Iterable[torch.nn.Parameter], bucket_bytes: int, world_size: int,
+                 shard_align: int = 1) -> list[Bucket]:
     """Group trainable ``params`` into buckets of about ``bucket_bytes`` in backward order
-    (:func:`group_in_backward_order`); shared parameters are counted once."""
+    (:func:`group_in_backward_order`); shared parameters are counted once. Shards are a multiple
+    of ``shard_align`` elements long (e.g. a quantisation block, so that no block is split)."""
     unique: dict[int, torch.nn.Parameter] = {}
     for p in params:
         if p.requires_grad:
@@ -89,7 +91,7 @@ def plan_buckets(params: Iterable[torch.nn.Parameter], bucket_bytes: int, world_
         for p in current:
             offsets.append(total)
             total += p.numel()
-        padded = -(-total // world_size) * world_size
+        padded = -(-total // (world_size * shard_align)) * world_size * shard_align
         buckets.append(Bucket(len(buckets), tuple(current), tuple(offsets), total, padded,
                               world_size, current[0].dtype, current[0].device))
     return buckets
@@ -110,7 +112,7 @@ class GradientBuckets:
       averaged over ranks, through ``on_shard(bucket, shard)`` (``shard`` is a 1-D tensor of
       ``bucket.shard_numel`` elements; map it to parameters with :meth:`Bucket.shard_pieces`).
       The full gradients are released (``param.grad = None``) once flattened, unless
-      ``release_grads=False``. Backends without reduce-scatter are served by an all-reduce of
+      ``release_grads=False``. ``shard_align``: see :func:`plan_buckets`. Backends without reduce-scatter are served by an all-reduce of
       the whole buffer followed by taking the local slice (``emulated_reduce_scatter`` tells
       which path ran); ``emulate_reduce_scatter=True`` forces it.
 
@@ -137,6 +139,7 @@ class GradientBuckets:
         group: dist.ProcessGroup | None = None,
         release_grads: bool = True,
         emulate_reduce_scatter: bool = False,
+        shard_align: int = 1,
     ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("GradientBuckets needs torch.distributed.init_process_group() first")
@@ -146,6 +149,8 @@ class GradientBuckets:
             raise ValueError("op='reduce_scatter' needs on_shard(bucket, shard) to receive the shard")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
+        if not (isinstance(shard_align, int) and shard_align >= 1):
+            raise ValueError(f"shard_align must be an int >= 1, got {shard_align!r}")
         self.op = op
         self.group = group
         self.world_size = dist.get_world_size(group)
@@ -153,7 +158,7 @@ class GradientBuckets:
         self.on_shard = on_shard
         self.release_grads = release_grads
         self.emulated_reduce_scatter = emulate_reduce_scatter
-        self.buckets = plan_buckets(params, int(bucket_mb * 2**20), self.world_size)
+        self.buckets = plan_buckets(params, int(bucket_mb * 2**20), self.world_size, shard_align)
         self.last_exposed_s = 0.0
         self._sync = True
         self._next = 0

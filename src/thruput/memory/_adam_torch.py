@@ -20,9 +20,10 @@ _M32 = 0xFFFFFFFF
 _M_LEVELS, _V_LEVELS = 127, 255
 
 
-def n_blocks(numel: int) -> int:
-    """Number of 8-bit quantisation blocks (the last one may be short)."""
-    return (numel + BLOCK - 1) // BLOCK
+def n_blocks(numel: int, phase: int = 0) -> int:
+    """Number of 8-bit quantisation blocks over ``numel`` elements whose first sits at position
+    ``phase`` of its block (the first and the last block may be short)."""
+    return 0 if numel == 0 else (phase + numel + BLOCK - 1) // BLOCK
 
 
 def torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor | None, h: _Hyper) -> None:
@@ -51,8 +52,8 @@ def torch_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
         state.exp_avg.copy_(round_bf16_stochastic(m, r_m))
         state.exp_avg_sq.copy_(round_bf16_stochastic(v, r_v))
         return
-    qm, sm = encode_m(m, r_m)
-    qv, sv = encode_v(u, r_v)
+    qm, sm = encode_m(m, r_m, state.block_phase)
+    qv, sv = encode_v(u, r_v, state.block_phase)
     state.exp_avg.copy_(qm)
     state.exp_avg_scale.copy_(sm)
     state.exp_avg_sq.copy_(qv)
@@ -96,10 +97,17 @@ def round_bf16_stochastic(x: Tensor, r16: Tensor) -> Tensor:
     return ((hi ^ 0x8000) - 0x8000).to(torch.int16).view(torch.bfloat16)
 
 
-def blocks(x: Tensor) -> Tensor:
-    """View (or zero-padded copy) of a 1-D tensor as (n_blocks, BLOCK)."""
-    pad = n_blocks(x.numel()) * BLOCK - x.numel()
-    return torch.nn.functional.pad(x, (0, pad)).view(-1, BLOCK) if pad else x.view(-1, BLOCK)
+def blocks(x: Tensor, phase: int = 0) -> Tensor:
+    """View (or zero-padded copy) of a 1-D tensor as (n_blocks, BLOCK), ``x[0]`` at ``[0, phase]``."""
+    tail = n_blocks(x.numel(), phase) * BLOCK - phase - x.numel()
+    if phase or tail:
+        return torch.nn.functional.pad(x, (phase, tail)).view(-1, BLOCK)
+    return x.view(-1, BLOCK)
+
+
+def _unblock(x: Tensor, numel: int, phase: int) -> Tensor:
+    """The ``numel`` elements of a blocked tensor, inverse of :func:`blocks`."""
+    return x.flatten()[phase:phase + numel]
 
 
 def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
@@ -110,9 +118,9 @@ def _stochastic_sq_code(y: Tensor, r16: Tensor, levels: int) -> Tensor:
     return t + (r * (t * 2.0 + 1.0) < y - t * t).to(torch.float32)
 
 
-def _encode_blocks(x: Tensor, r16: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+def _encode_blocks(x: Tensor, r16: Tensor, levels: int, phase: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-block scale = max|x| / levels**2 and codes of |x|."""
-    xb, rb = blocks(x).abs(), blocks(r16)
+    xb, rb = blocks(x, phase).abs(), blocks(r16, phase)
     scale = xb.amax(dim=1) / float(levels * levels)
     # A zero or subnormal scale gives all-zero codes (inv = 0), and keeps |x| * inv finite.
     normal = scale >= torch.finfo(torch.float32).tiny
@@ -120,26 +128,30 @@ def _encode_blocks(x: Tensor, r16: Tensor, levels: int) -> tuple[Tensor, Tensor,
     return _stochastic_sq_code(xb * inv[:, None], rb, levels), xb, scale
 
 
-def encode_m(m: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
+def encode_m(m: Tensor, r16: Tensor, phase: int = 0) -> tuple[Tensor, Tensor]:
     """Signed 8-bit codes and per-block scales s with m ~= s * q * |q|."""
-    q, _, scale = _encode_blocks(m, r16, _M_LEVELS)
-    q = torch.where(blocks(m) < 0, -q, q)
-    return q.to(torch.int8).flatten()[: m.numel()], scale
+    q, _, scale = _encode_blocks(m, r16, _M_LEVELS, phase)
+    q = torch.where(blocks(m, phase) < 0, -q, q)
+    return _unblock(q.to(torch.int8), m.numel(), phase), scale
 
 
-def encode_v(u: Tensor, r16: Tensor) -> tuple[Tensor, Tensor]:
+def encode_v(u: Tensor, r16: Tensor, phase: int = 0) -> tuple[Tensor, Tensor]:
     """Unsigned 8-bit codes and per-block scales s with sqrt(v) = u ~= s * q**2; q >= 1 where u > 0."""
-    q, ub, scale = _encode_blocks(u, r16, _V_LEVELS)
+    q, ub, scale = _encode_blocks(u, r16, _V_LEVELS, phase)
     q = torch.where((ub > 0) & (q == 0), torch.ones_like(q), q)
-    return q.to(torch.uint8).flatten()[: u.numel()], scale
+    return _unblock(q.to(torch.uint8), u.numel(), phase), scale
 
 
-def decode_m(codes: Tensor, scale: Tensor) -> Tensor:
+def _scale_per_element(scale: Tensor, numel: int, phase: int) -> Tensor:
+    return scale.repeat_interleave(BLOCK)[phase:phase + numel]
+
+
+def decode_m(codes: Tensor, scale: Tensor, phase: int = 0) -> Tensor:
     q = codes.to(torch.int32)
-    return ((q * q.abs()).to(torch.float32).view(-1) * scale.repeat_interleave(BLOCK)[: codes.numel()])
+    return (q * q.abs()).to(torch.float32).view(-1) * _scale_per_element(scale, codes.numel(), phase)
 
 
-def decode_v(codes: Tensor, scale: Tensor) -> Tensor:
+def decode_v(codes: Tensor, scale: Tensor, phase: int = 0) -> Tensor:
     q = codes.to(torch.int32)
-    u = (q * q).to(torch.float32) * scale.repeat_interleave(BLOCK)[: codes.numel()]
+    u = (q * q).to(torch.float32) * _scale_per_element(scale, codes.numel(), phase)
     return u * u

@@ -31,7 +31,9 @@ State formats (``AdamState``):
   ``m = s_m * q * |q|`` with ``q`` in [-127, 127]; the second moment is kept in the sqrt domain,
   ``sqrt(v) = s_v * q**2`` with ``q`` in [0, 255]. The square map gives fine steps near zero;
   rounding is stochastic and unbiased in value, and a nonzero ``v`` never rounds to zero, so the
-  denominator cannot collapse to ``eps``.
+  denominator cannot collapse to ``eps``. Blocks lie on a grid of 256 in the global element index
+  (``index_offset``), so a shard's blocks are the whole tensor's wherever its cuts fall on that
+  grid; ``AdamState.block_phase`` records where the shard starts in its first block.
 """
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ class AdamState:
 
     ``exp_avg`` / ``exp_avg_sq`` hold fp32 or bf16 moments, or the int8 / uint8 codes of the
     8-bit format, whose per-block scales are ``exp_avg_scale`` / ``exp_avg_sq_scale`` (fp32,
-    ``ceil(numel / 256)`` each; ``None`` for the other formats).
+    ``n_blocks(numel, block_phase)`` each; ``None`` for the other formats). ``block_phase``
+    (8-bit only, else 0): the position of element 0 in its 256-element block, which is the
+    global ``index_offset`` of the updates modulo 256.
     """
 
     state_dtype: str
@@ -73,10 +77,12 @@ class AdamState:
     exp_avg_sq: Tensor
     exp_avg_scale: Tensor | None = None
     exp_avg_sq_scale: Tensor | None = None
+    block_phase: int = 0
 
     @classmethod
-    def create(cls, numel: int, state_dtype: str = "fp32", pin: bool = False) -> AdamState:
-        """Zero moments for ``numel`` elements. ``pin`` puts them in page-locked memory (needs CUDA).
+    def create(cls, numel: int, state_dtype: str = "fp32", pin: bool = False, index_offset: int = 0) -> AdamState:
+        """Zero moments for ``numel`` elements. ``pin`` puts them in page-locked memory (needs CUDA);
+        ``index_offset`` is the one the updates will pass (it places the 8-bit blocks).
 
         Raises ValueError for an unknown ``state_dtype``, a negative ``numel``, or ``pin`` without CUDA.
         """
@@ -90,9 +96,10 @@ class AdamState:
             return torch.zeros(n, dtype=dtype, pin_memory=pin)
 
         if state_dtype == "int8":
-            nb = n_blocks(numel)
+            phase = index_offset % BLOCK
+            nb = n_blocks(numel, phase)
             return cls(state_dtype, numel, zeros(numel, torch.int8), zeros(numel, torch.uint8),
-                       zeros(nb, torch.float32), zeros(nb, torch.float32))
+                       zeros(nb, torch.float32), zeros(nb, torch.float32), phase)
         dtype = torch.float32 if state_dtype == "fp32" else torch.bfloat16
         return cls(state_dtype, numel, zeros(numel, dtype), zeros(numel, dtype))
 
@@ -100,11 +107,13 @@ class AdamState:
         """(exp_avg, exp_avg_sq) decoded as new fp32 1-D tensors."""
         if self.state_dtype != "int8":
             return self.exp_avg.float().clone(), self.exp_avg_sq.float().clone()
-        return decode_m(self.exp_avg, self.exp_avg_scale), decode_v(self.exp_avg_sq, self.exp_avg_sq_scale)
+        return (decode_m(self.exp_avg, self.exp_avg_scale, self.block_phase),
+                decode_v(self.exp_avg_sq, self.exp_avg_sq_scale, self.block_phase))
 
     @classmethod
-    def from_fp32(cls, exp_avg: Tensor, exp_avg_sq: Tensor, state_dtype: str) -> AdamState:
-        """Encode fp32 moments (e.g. from torch.optim.AdamW) with round-to-nearest.
+    def from_fp32(cls, exp_avg: Tensor, exp_avg_sq: Tensor, state_dtype: str, index_offset: int = 0) -> AdamState:
+        """Encode fp32 moments (e.g. from torch.optim.AdamW) with round-to-nearest; ``index_offset``
+        as in :meth:`create`.
 
         Raises ValueError for an unknown ``state_dtype`` or moments that are not 1-D of equal length.
         """
@@ -119,9 +128,10 @@ class AdamState:
         if state_dtype == "bf16":
             return cls("bf16", m.numel(), m.to(torch.bfloat16), v.to(torch.bfloat16))
         half = torch.full((m.numel(),), 1 << 15, dtype=torch.int64)  # r = 0.5: round to nearest
-        qm, sm = encode_m(m, half)
-        qv, sv = encode_v(sqrt_exact(v), half)
-        return cls("int8", m.numel(), qm, qv, sm, sv)
+        phase = index_offset % BLOCK
+        qm, sm = encode_m(m, half, phase)
+        qv, sv = encode_v(sqrt_exact(v), half, phase)
+        return cls("int8", m.numel(), qm, qv, sm, sv, phase)
 
     def state_dict(self) -> dict[str, Tensor | str | int]:
         """Plain data: ``state_dtype``, ``numel`` and the tensors (scales only for int8)."""
@@ -131,6 +141,7 @@ class AdamState:
             sd["exp_avg_scale"] = self.exp_avg_scale
             sd["exp_avg_sq_scale"] = self.exp_avg_sq_scale
             sd["block_size"] = BLOCK
+            sd["block_phase"] = self.block_phase
         return sd
 
     @classmethod
@@ -138,7 +149,7 @@ class AdamState:
         """Inverse of ``state_dict``; raises ValueError on missing keys or inconsistent shapes."""
         try:
             state = cls(str(sd["state_dtype"]), int(sd["numel"]), sd["exp_avg"], sd["exp_avg_sq"],
-                        sd.get("exp_avg_scale"), sd.get("exp_avg_sq_scale"))
+                        sd.get("exp_avg_scale"), sd.get("exp_avg_sq_scale"), int(sd.get("block_phase", 0)))
         except KeyError as e:
             raise ValueError(f"AdamState.from_state_dict: missing key {e.args[0]!r}") from None
         _check_state_dtype(state.state_dtype)
@@ -154,10 +165,12 @@ class AdamState:
 
     def validate(self) -> None:
         """Raise ValueError unless dtypes, lengths and layout match ``state_dtype`` and ``numel``."""
+        if not 0 <= self.block_phase < (BLOCK if self.state_dtype == "int8" else 1):
+            raise ValueError(f"AdamState({self.state_dtype}): block_phase {self.block_phase} out of range")
         if self.state_dtype == "int8":
+            nb = n_blocks(self.numel, self.block_phase)
             want = [(self.exp_avg, torch.int8, self.numel), (self.exp_avg_sq, torch.uint8, self.numel),
-                    (self.exp_avg_scale, torch.float32, n_blocks(self.numel)),
-                    (self.exp_avg_sq_scale, torch.float32, n_blocks(self.numel))]
+                    (self.exp_avg_scale, torch.float32, nb), (self.exp_avg_sq_scale, torch.float32, nb)]
         else:
             dtype = torch.float32 if self.state_dtype == "fp32" else torch.bfloat16
             want = [(self.exp_avg, dtype, self.numel), (self.exp_avg_sq, dtype, self.numel)]
@@ -191,10 +204,10 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     reproducible. Decoupled weight decay exactly like torch.optim.AdamW.
 
     index_offset: where ``master[0]`` sits in a larger flat tensor that this call updates a
-    shard of. Stochastic rounding draws
-    its noise by this global index, so bf16 states of shards cut anywhere reproduce the unsharded
-    bits exactly; 8-bit blocks start at ``master[0]``, so 8-bit shards do where they are cut at
-    multiples of 256.
+    shard of. Stochastic rounding draws its noise by this global index, so bf16 states of shards
+    cut anywhere reproduce the unsharded bits exactly. 8-bit blocks lie on a grid of 256 in that
+    index, so 8-bit shards do where they are cut at multiples of 256 (an 8-bit ``state`` must be
+    created with the same ``index_offset``; ValueError otherwise).
 
     impl: "auto" (C++ if it builds, else torch with a warning), "cpp" (RuntimeError naming the
     build failure if it cannot be built), or "torch". Bad dtypes, lengths, devices or layouts
@@ -204,6 +217,10 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     if not isinstance(index_offset, int) or isinstance(index_offset, bool) \
             or not 0 <= index_offset < 2**63 - master.numel():
         raise ValueError(f"adamw_step: index_offset must be a non-negative int, got {index_offset!r}")
+    if state.block_phase != (index_offset % BLOCK if state.state_dtype == "int8" else 0):
+        raise ValueError(f"adamw_step: the 8-bit state was created for a block phase of {state.block_phase}, "
+                         f"but index_offset {index_offset} puts it at {index_offset % BLOCK}; create it with "
+                         "the index_offset the updates pass")
     hyper = _Hyper.make(step, lr, beta1, beta2, eps, weight_decay, grad_scale, index_offset)
     if impl == "auto":
         impl = "cpp" if kernel_available() else "torch"
@@ -212,7 +229,7 @@ def adamw_step(master: Tensor, grad: Tensor, state: AdamState, param_out: Tensor
     if impl == "cpp":
         ext = _load_extension()
         ext.adamw_step(master, grad, param_out, state.state_dtype, state.exp_avg, state.exp_avg_sq,
-                       state.exp_avg_scale, state.exp_avg_sq_scale, *hyper.as_args())
+                       state.exp_avg_scale, state.exp_avg_sq_scale, *hyper.as_args(), state.block_phase)
     else:
         torch_step(master, grad, state, param_out, hyper)
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from thruput.comm.buckets import group_in_backward_order
-from thruput.memory.adam import AdamState
+from thruput.memory.adam import BLOCK, AdamState, n_blocks
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -89,7 +89,7 @@ def segment_bytes(seg: Segment, state_dtype: str, grad_stage: bool) -> int:
     item = torch.empty(0, dtype=seg.dtype).element_size()
     stages = (item if grad_stage else 0) + (item if seg.dtype != torch.float32 else 0)
     states = {"fp32": 8 * seg.numel, "bf16": 4 * seg.numel,
-              "int8": 2 * seg.numel + 8 * -(-seg.numel // 256)}[state_dtype]
+              "int8": 2 * seg.numel + 8 * n_blocks(seg.numel, seg.index_offset % BLOCK)}[state_dtype]
     return seg.numel * (8 + stages) + states
 
 
@@ -110,7 +110,7 @@ def allocate(seg: Segment, state_dtype: str, *, pin: bool, grad_stage: bool) -> 
         for p, ps, pe, ss in seg.pieces:
             seg.master[ss:ss + pe - ps].copy_(p.detach().reshape(-1)[ps:pe])
     seg.grad = torch.zeros(seg.numel, dtype=torch.float32)
-    seg.state = AdamState.create(seg.numel, state_dtype)
+    seg.state = AdamState.create(seg.numel, state_dtype, index_offset=seg.index_offset)
     if grad_stage:
         seg.grad_stage = torch.empty(seg.numel, dtype=seg.dtype, pin_memory=pin)
     if seg.dtype != torch.float32:

@@ -106,7 +106,7 @@ def import_state(param_groups: list[dict[str, Any]], segments: list[Segment], st
             m[ss:ss + n] = entry["exp_avg"].detach().reshape(-1)[ps:pe].float().cpu()
             v[ss:ss + n] = entry["exp_avg_sq"].detach().reshape(-1)[ps:pe].float().cpu()
             step = max(step, int(float(entry["step"])))
-        fresh = AdamState.from_fp32(m, v, state_dtype)
+        fresh = AdamState.from_fp32(m, v, state_dtype, index_offset=seg.index_offset)
         for name in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
             dst = getattr(seg.state, name)
             if dst is not None:

@@ -7,7 +7,8 @@ all-gathers the updated parameters, bucket by bucket, into every rank's model.
 
 Stochastic rounding draws its noise by an element's index in the buckets laid end to end, which
 does not depend on the world size: bf16 states round to the same bits on any number of ranks.
-(8-bit blocks start where each shard's segments start, so 8-bit states depend on the world size.)
+With 8-bit states, buckets start and shards are cut at multiples of the 256-element block in that
+index, so the blocks, and the bits, are the same on any number of ranks too.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from thruput.comm import GradientBuckets
+from thruput.memory.adam import BLOCK
 from thruput.memory.offload import OffloadAdamW, Segment
 
 
@@ -64,10 +66,11 @@ class Zero2OffloadAdamW(OffloadAdamW):
                 if p.requires_grad and id(p) not in group_of:
                     group_of[id(p)] = gi
                     trainable.append(p)
+        align = BLOCK if self.state_dtype == "int8" else 1
         self.comm = GradientBuckets(trainable, bucket_mb=self.bucket_bytes / 2**20, op="reduce_scatter",
-                                    on_shard=self._on_shard, group=self.process_group)
+                                    on_shard=self._on_shard, group=self.process_group, shard_align=align)
         segments: list[Segment] = []
-        bucket_base = 0  # global index of the bucket's first element: unpadded sizes, any world size
+        bucket_base = 0  # global index of the bucket's first element: the same on any world size
         for bucket in self.comm.buckets:
             runs: list[tuple[int, list[tuple[nn.Parameter, int, int, int]]]] = []
             for param, ps, pe, at in bucket.shard_pieces(self.rank):
@@ -82,7 +85,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
                               index_offset=bucket_base + self.rank * bucket.shard_numel + start)
                 segments.append(seg)
                 self._bucket_segments.setdefault(bucket.index, []).append((seg, start))
-            bucket_base += bucket.numel
+            bucket_base += -(-bucket.numel // align) * align
         return segments
 
     def _needs_grad_stage(self) -> bool:

@@ -1,7 +1,9 @@
 // One-pass CPU AdamW for flat fp32 masters (thruput.memory.adam).
 //
-// Work is split into 256-element chunks (the 8-bit block size, and small enough that the
-// per-chunk scratch buffers stay in L1). Each chunk reads every input stream from memory once and
+// Work is split into 256-element chunks (the 8-bit blocks, and small enough that the per-chunk
+// scratch buffers stay in L1). Chunks follow a grid of 256 that starts `block_phase` elements
+// before master[0], so the first and last chunk may be short: with block_phase =
+// index_offset % 256, a shard's 8-bit blocks are those of the whole tensor it was cut from. Each chunk reads every input stream from memory once and
 // writes every output stream once; the gradient and parameter-copy conversions run over L1
 // scratch. Inner loops are plain loops that GCC vectorises at -O3 -march=native (checked with
 // -fopt-info-vec); threads of at::parallel_for claim pieces of chunks as they go.
@@ -212,13 +214,14 @@ struct Args {
   float* m_scale;   // int8 only
   float* v_scale;
   int64_t numel;
+  int64_t block_phase;  // position of master[0] in its chunk, in [0, 256)
   Hyper h;
 };
 
 template <Format F, bool kFromM>
 void run_chunk(const Args& a, int64_t chunk) {
-  const int64_t i0 = chunk * kBlock;
-  const int64_t n = std::min(kBlock, a.numel - i0);
+  const int64_t i0 = std::max<int64_t>(0, chunk * kBlock - a.block_phase);
+  const int64_t n = std::min((chunk + 1) * kBlock - a.block_phase, a.numel) - i0;
   const Hyper h = a.h;
   alignas(64) float g[kBlock];
   load_grad(a.grad, a.grad_dt, i0, n, h.grad_scale, g);
@@ -280,7 +283,7 @@ void run_chunk(const Args& a, int64_t chunk) {
 
 template <Format F>
 void run_all(const Args& a) {
-  const int64_t chunks = (a.numel + kBlock - 1) / kBlock;
+  const int64_t chunks = a.numel == 0 ? 0 : (a.block_phase + a.numel + kBlock - 1) / kBlock;
   // Threads claim pieces of 64 chunks (16K elements, ~10 us) from a shared counter instead of
   // taking a fixed half each: on a shared machine a thread that is descheduled mid-step leaves
   // its work to the others rather than stalling the step until it runs again. Which thread runs
@@ -310,7 +313,7 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
                 c10::optional<at::Tensor> exp_avg_scale, c10::optional<at::Tensor> exp_avg_sq_scale,
                 double decay, double beta1, double one_minus_beta1, double beta2, double one_minus_beta2,
                 double step_size, double bc2_sqrt, double eps, double grad_scale, int64_t seed,
-                int64_t index_offset, double step_size_bc2, double eps_bc2) {
+                int64_t index_offset, double step_size_bc2, double eps_bc2, int64_t block_phase) {
   // Shapes, dtypes and layout are validated in Python (adam.py); these guard direct misuse.
   TORCH_CHECK(master.is_contiguous() && master.scalar_type() == at::kFloat, "adamw_step: master must be contiguous fp32");
   TORCH_CHECK(grad.is_contiguous() && grad.numel() == master.numel(), "adamw_step: grad must be contiguous, numel of master");
@@ -327,6 +330,8 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
   a.m = exp_avg.data_ptr();
   a.v = exp_avg_sq.data_ptr();
   a.numel = master.numel();
+  TORCH_CHECK(block_phase >= 0 && block_phase < kBlock, "adamw_step: block_phase must be in [0, 256)");
+  a.block_phase = block_phase;
   const float w = static_cast<float>(one_minus_beta1);
   a.h = Hyper{static_cast<float>(decay), w < 0.5f ? w : w - 1.0f, static_cast<float>(beta2),
               static_cast<float>(one_minus_beta2), -static_cast<float>(step_size), static_cast<float>(bc2_sqrt),
@@ -345,7 +350,7 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
   } else if (state_dtype == "int8") {
     TORCH_CHECK(exp_avg_scale.has_value() && exp_avg_sq_scale.has_value(), "int8 states need scales");
     TORCH_CHECK(exp_avg.scalar_type() == at::kChar && exp_avg_sq.scalar_type() == at::kByte, "int8/uint8 codes expected");
-    const int64_t blocks = (master.numel() + kBlock - 1) / kBlock;
+    const int64_t blocks = master.numel() == 0 ? 0 : (block_phase + master.numel() + kBlock - 1) / kBlock;
     TORCH_CHECK(exp_avg_scale->numel() == blocks && exp_avg_sq_scale->numel() == blocks &&
                 exp_avg_scale->scalar_type() == at::kFloat && exp_avg_sq_scale->scalar_type() == at::kFloat,
                 "adamw_step: one fp32 scale per 256-element block expected");
