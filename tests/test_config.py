@@ -25,6 +25,8 @@ def test_defaults_and_int_to_float() -> None:
         ({"data": {"sources": [{"name": "a", "kind": "jsonl"}]}}, r"data.sources\[0\].path: required"),
         ({"data": {"sources": [{"name": "a", "weight": 0.0}]}}, "weights sum to zero"),
         ({"data": {"seq_len": 0}}, "data.seq_len: must be positive"),
+        ({"data": {"seq_len": 2, "sources": [{"name": "a", "kind": "stdlib_sections"}]}},
+         r"data.seq_len: kind 'stdlib_sections' \(data.sources\[0\]\)"),
         ({"checkpoint": {"every": 5}}, "checkpoint.dir: required"),
         ({"model": {"d_model": 30, "n_heads": 4}}, "model.d_model"),
         ({"model": 3}, "model: expected a table"),

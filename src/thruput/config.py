@@ -132,6 +132,9 @@ class RunConfig:
                 raise ConfigError(f"data.sources[{i}].path: required for kind {s.kind!r}")
             if s.weight < 0:
                 raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {s.weight}")
+            if s.kind == "stdlib_sections" and self.data.seq_len < 3:
+                raise ConfigError(f"data.seq_len: kind 'stdlib_sections' (data.sources[{i}]) cuts modules into "
+                                  f"rows of seq_len + 1 >= 4 bytes, got seq_len {self.data.seq_len}")
         if sum(s.weight for s in self.data.sources) <= 0:
             raise ConfigError("data.sources: weights sum to zero")
         if self.model.d_model % self.model.n_heads:
