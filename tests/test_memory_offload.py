@@ -316,7 +316,8 @@ def test_cuda_bf16_offload_matches_torch_adamw_on_an_fp32_master():
     opt = OffloadAdamW(model.parameters(), lr=1e-2, bucket_mb=0.02, impl=IMPL)
     masters = [p.detach().float().cpu().clone().requires_grad_() for p in model.parameters()]
     ref_opt = torch.optim.AdamW(masters, lr=1e-2)
-    assert opt.segments[0].master.is_pinned() and opt.segments[0].param_out.is_pinned()
+    # bf16 copies cross the bus, the fp32 master stays on the host
+    assert opt.segments[0].param_out.is_pinned() and not opt.segments[0].master.is_pinned()
     for step in range(5):
         _loss(model, _batch(step).to(device)).backward()
         assert all(p.grad is None for p in model.parameters())

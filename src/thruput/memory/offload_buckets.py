@@ -4,8 +4,8 @@ A bucket ("segment") is one flat run of host buffers for parameters of one param
 dtype, in backward order: fp32 master, fp32 gradient accumulator, Adam states (fp32/bf16/int8),
 plus a training-dtype staging buffer for updated parameters when the training dtype is not
 fp32, and one for incoming gradients under CUDA or the delayed update. Under CUDA the buffers
-that cross the bus (master, staging) are pinned; the states and the accumulator never leave the
-host and are not.
+that cross the bus (staging, and the master of an fp32 model) are pinned; the states, the
+accumulator and a master with a training-dtype copy never leave the host and are not.
 
 :class:`GradientStream` moves each gradient into its bucket as soon as autograd has accumulated
 it (a post-accumulate-grad hook; on CUDA a non-blocking copy on a side stream into pinned
@@ -104,8 +104,10 @@ def check_host_memory(segments: list[Segment], state_dtype: str, grad_stage: boo
 
 
 def allocate(seg: Segment, state_dtype: str, *, pin: bool, grad_stage: bool) -> None:
-    """Create ``seg``'s host buffers; the master starts as a copy of the parameters."""
-    seg.master = torch.empty(seg.numel, dtype=torch.float32, pin_memory=pin)
+    """Create ``seg``'s host buffers; the master starts as a copy of the parameters. ``pin``
+    page-locks the buffers that cross the bus: the staging buffers, and the master only when the
+    model trains in fp32 (otherwise its training-dtype copy ``param_out`` is what goes back)."""
+    seg.master = torch.empty(seg.numel, dtype=torch.float32, pin_memory=pin and seg.dtype == torch.float32)
     with torch.no_grad():
         for p, ps, pe, ss in seg.pieces:
             seg.master[ss:ss + pe - ps].copy_(p.detach().reshape(-1)[ps:pe])
