@@ -129,6 +129,69 @@ def _low_precision_states_match_one_rank(rank: int, steps: int, halves: list[sli
         assert torch.equal(sd["state"][idx]["exp_avg_sq"], entry["exp_avg_sq"])
 
 
+def _delayed_copy_back_worker(rank: int, init_file: str, backend: str, world: int) -> None:
+    """ZeRO-2 with the delayed update, driven like train.py (``step(copy_back=False)`` then
+    ``copy_back()``) and with two backwards per step outside ``no_sync`` (each reduced shard is
+    added to the host accumulator), equals the same optimizer driven by plain ``step()``."""
+    if backend == "nccl":  # two models in lockstep: deterministic kernels, the math attention
+        torch.cuda.set_device(rank)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> None:  # a stale or torn gather is off by ~lr
+        if backend == "gloo":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, ref = _gpt().to(device), _gpt().to(device)
+        kw = dict(lr=1e-2, bucket_mb=0.03, impl=IMPL, delayed_update_after=1)
+        opt, ref_opt = Zero2OffloadAdamW(_groups(model), **kw), Zero2OffloadAdamW(_groups(ref), **kw)
+        gather = opt._finish_copies
+
+        def checked_gather() -> None:  # the all-gather reads the masters the update writes
+            assert opt._bg is None, "all-gather while the delayed update runs"
+            gather()
+
+        opt._finish_copies = checked_gather
+        rows_per_rank = ROWS // world
+        for step in range(4):
+            rows = _batch(200 + step)[rank * rows_per_rank:(rank + 1) * rows_per_rank].to(device)
+            for m in (model, ref):
+                for half in (rows[:rows_per_rank // 2], rows[rows_per_rank // 2:]):
+                    (_loss(m, half) / 2).backward()
+            same(opt.clip_grad_norm_(0.5), ref_opt.clip_grad_norm_(0.5))
+            opt.step(copy_back=False)
+            opt.copy_back()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+            for p, q in zip(model.parameters(), ref.parameters()):
+                same(p, q)
+        opt.flush()
+        ref_opt.flush()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            same(p, q)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_delayed_update_with_separate_copy_back_equals_plain_step(tmp_path):
+    mp.spawn(_delayed_copy_back_worker, args=(str(tmp_path / "init"), "gloo", WORLD), nprocs=WORLD, join=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_nccl_delayed_update_accumulation_and_copy_back_on_cuda(tmp_path):
+    """The CUDA paths of ZeRO-2: reduced shards on the GPU added to host accumulators, scalar
+    all-reduces on the parameters' GPU, all-gathers into the model, copy events."""
+    world = min(WORLD, torch.cuda.device_count())
+    mp.spawn(_delayed_copy_back_worker, args=(str(tmp_path / "init"), "nccl", world), nprocs=world, join=True)
+
+
 class _null:
     def __enter__(self) -> None:
         return None

@@ -311,16 +311,23 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._copy_pending = False
 
     def _finish_copies(self) -> None:
+        """Complete the issued copies (ZeRO-2 overrides: the all-gathers)."""
+        self._await_copies()
+
+    def _await_copies(self) -> None:
+        """Make the compute stream wait for the copies issued on the side stream."""
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._side)
 
     def copy_back(self) -> float:
-        """Finish the parameter copies of ``step(copy_back=False)``; returns host seconds spent."""
+        """Finish the parameter copies of ``step(copy_back=False)``; returns host seconds spent.
+        While a delayed update runs it only orders the copies issued by ``step()``: that update's
+        parameters go out at the next step (ZeRO-2: no all-gather of masters being written)."""
         t0 = time.perf_counter()
         if self._copy_pending and self._bg is None:
             self._copy_all()
         else:
-            self._finish_copies()
+            self._await_copies()
         return time.perf_counter() - t0
 
     def flush(self) -> None:
@@ -329,6 +336,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._join_background()
         if self._copy_pending:
             self._copy_all()
+        else:  # copies issued by step(copy_back=False) without copy_back()
+            self._await_copies()
 
     # --- state -----------------------------------------------------------------------------
 
@@ -352,6 +361,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         parameter sizes differ.
         """
         self.flush()
+        for seg in self.segments:  # the host writes the masters a copy to the device may still read
+            if seg.copy_event is not None:
+                seg.copy_event.synchronize()
+                seg.copy_event = None
         import_state(self.param_groups, self.segments, self.state_dtype, state_dict)
         extra = state_dict.get("offload")
         if extra is not None:

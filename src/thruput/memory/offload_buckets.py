@@ -204,7 +204,10 @@ class GradientStream:
                     dst.copy_(flat[ps:pe], non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
-                g.record_stream(self.side)
+                # The allocator may hand the gradient's memory (or that of flat, a copy when the
+                # gradient was not contiguous) to the compute stream once it is freed below,
+                # unless it knows the side stream's copy still reads it.
+                flat.record_stream(self.side)
                 seg.staged[i] = event
             else:
                 dst.copy_(flat[ps:pe])

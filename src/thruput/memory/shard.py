@@ -109,6 +109,9 @@ class Zero2OffloadAdamW(OffloadAdamW):
         self._timings["comm"] += self.comm.finish()
 
     def _on_shard(self, bucket: Any, shard: Tensor) -> None:
+        # One device-to-host copy of the shard (NCCL: a GPU tensor; a CPU accumulator cannot add_
+        # a CUDA tensor), before waiting for the update so that the copy overlaps it.
+        shard = shard.cpu()
         self._join_background()  # the running update reads the accumulators
         for seg, start in self._bucket_segments.get(bucket.index, []):
             src = shard[start:start + seg.numel]
@@ -135,7 +138,8 @@ class Zero2OffloadAdamW(OffloadAdamW):
     # --- collectives -----------------------------------------------------------------------
 
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp) -> Tensor:
-        work = t.cuda() if self._nccl else t
+        # NCCL reduces GPU tensors only: the parameters' GPU, not whichever device is current.
+        work = t.to(self.device if self._cuda else "cuda") if self._nccl else t
         dist.all_reduce(work, op=op, group=self.process_group)
         return work.to(t.device)
 
@@ -146,6 +150,12 @@ class Zero2OffloadAdamW(OffloadAdamW):
         return self._all_reduce(t, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
     # --- parameters: all-gather ------------------------------------------------------------
+
+    def _update_all(self, grad_scale: float, copy_back: bool) -> None:
+        super()._update_all(grad_scale, copy_back)
+        # Nothing was issued per segment, also under CUDA: without copy_back the all-gather is
+        # still to do (copy_back(), flush() or the next step run it).
+        self._copy_pending = not copy_back
 
     def _copy_segment(self, seg: Segment) -> None:
         """Nothing per segment: parameters come back by bucket in ``_finish_copies``."""
@@ -166,7 +176,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
                     p.data.view(-1).copy_(full[off:off + p.numel()])
         if self._cuda:  # the next update must not overwrite param_out while it is being copied
             event = torch.cuda.Event()
-            event.record()
+            event.record(torch.cuda.current_stream(self.device))
             for seg in self.segments:
                 seg.copy_event = event
 
