@@ -226,6 +226,33 @@ def test_delayed_update_equals_reference_lagged_one_step():
     assert _max_rel_diff(model, master) == 0.0
 
 
+def test_delayed_update_uses_the_hyperparameters_of_its_step(monkeypatch):
+    """train.py runs scheduler.step() right after step(): the background update must not pick
+    up the next step's learning rate (for some segments or all)."""
+    import threading
+
+    seen, go = [], threading.Event()
+    step_fn = offload_mod.adamw_step
+
+    def slow_step(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            assert go.wait(10)
+        seen.append(kwargs["lr"])
+        return step_fn(*args, **kwargs)
+
+    monkeypatch.setattr(offload_mod, "adamw_step", slow_step)
+    model = _gpt()
+    opt = OffloadAdamW(model.parameters(), lr=1e-2, bucket_mb=0.01, delayed_update_after=0, impl=IMPL)
+    assert len(opt.segments) >= 2
+    _loss(model, _batch(0)).backward()
+    opt.step()
+    opt.zero_grad()
+    opt.param_groups[0]["lr"] = 5e-3  # what a scheduler does now
+    go.set()
+    opt.flush()
+    assert seen == [1e-2] * len(opt.segments)
+
+
 def test_step_without_copy_back_then_copy_back_equals_step():
     ref, model = _gpt(), _gpt()
     ref_opt = OffloadAdamW(ref.parameters(), lr=1e-2, impl=IMPL)

@@ -221,7 +221,9 @@ class OffloadAdamW(torch.optim.Optimizer):
             delayed = self.delayed_update_after is not None and self._steps_done >= self.delayed_update_after
             self._steps_done += 1
             if delayed:
-                self._bg = threading.Thread(target=self._background_update, args=(grad_scale,),
+                # This step's hyperparameters: a scheduler changes the groups while the update runs.
+                groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+                self._bg = threading.Thread(target=self._background_update, args=(grad_scale, groups),
                                             name="OffloadAdamW-update", daemon=True)
                 self._bg.start()
             else:
@@ -269,8 +271,8 @@ class OffloadAdamW(torch.optim.Optimizer):
             scale /= self._clip_coef
         return scale
 
-    def _update(self, seg: Segment, grad_scale: float) -> None:
-        group = self.param_groups[seg.group]
+    def _update(self, seg: Segment, grad_scale: float, groups: list[dict[str, Any]] | None = None) -> None:
+        group = (self.param_groups if groups is None else groups)[seg.group]
         if seg.copy_event is not None:  # the previous copy out of param_out/master must be done
             seg.copy_event.synchronize()
             seg.copy_event = None
@@ -281,10 +283,10 @@ class OffloadAdamW(torch.optim.Optimizer):
                    weight_decay=float(group["weight_decay"]), grad_scale=grad_scale, impl=self.impl,
                    index_offset=seg.index_offset)
 
-    def _background_update(self, grad_scale: float) -> None:
+    def _background_update(self, grad_scale: float, groups: list[dict[str, Any]]) -> None:
         try:
             for seg in self.segments:
-                self._update(seg, grad_scale)
+                self._update(seg, grad_scale, groups)
         except BaseException as exc:  # surfaced on the main thread by _join_background
             self._bg_error = exc
         self._copy_pending = True
