@@ -284,9 +284,13 @@ class OffloadAdamW(torch.optim.Optimizer):
                    index_offset=seg.index_offset)
 
     def _background_update(self, grad_scale: float, groups: list[dict[str, Any]]) -> None:
+        # A new thread's current CUDA device is 0: its event waits and frees must not create a
+        # context on GPU 0 when this rank trains on another GPU.
+        on_device = torch.cuda.device(self.device) if self._cuda else contextlib.nullcontext()
         try:
-            for seg in self.segments:
-                self._update(seg, grad_scale, groups)
+            with on_device:
+                for seg in self.segments:
+                    self._update(seg, grad_scale, groups)
         except BaseException as exc:  # surfaced on the main thread by _join_background
             self._bg_error = exc
         self._copy_pending = True
