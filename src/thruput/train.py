@@ -187,11 +187,16 @@ def _peak_flops(cfg: RunConfig, device: torch.device) -> float | None:
     return measure_cpu_peak(dtype)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises torch.distributed when launched by torchrun."""
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); initialises torch.distributed when launched by torchrun: NCCL when
+    training on CUDA, where a device without an index becomes this rank's ``LOCAL_RANK`` GPU
+    (otherwise every rank would train on GPU 0), else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    target = torch.device(device)
+    if world > 1 and target.type == "cuda" and target.index is None:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -212,7 +217,7 @@ def train(
     With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` is loaded and the run
     continues exactly where it stopped: same batches, same optimizer and LR state.
     """
-    rank, world = _distributed()
+    rank, world = _distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model = build_model(cfg).to(device)
@@ -313,10 +318,10 @@ def train(
             if progress is not None:
                 progress.advance(loss=result.losses[-1])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
+                result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world, device)
                 saved = _save(cfg, step, rank, sharded, model, optimizer, scheduler, loader, prof, result)
                 result.checkpoints += [saved] if saved else []
-        result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world)
+        result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world, device)
         if offload:
             optimizer.flush()  # a delayed update lands: the returned model holds the newest weights
         if cfg.checkpoint.dir and step > result.start_step and not (
@@ -343,10 +348,10 @@ def train(
     return result
 
 
-def _sum_over_ranks(value: int, world: int) -> int:
+def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
     if world == 1:
         return value
-    total = torch.tensor([value], dtype=torch.int64)
+    total = torch.tensor([value], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(total)
     return int(total)
 

@@ -205,7 +205,10 @@ class GradientBuckets:
             work = dist.reduce_scatter_single(shard, flat, group=self.group, async_op=True)
         except (RuntimeError, NotImplementedError):
             # The backend lacks reduce-scatter (old gloo builds): every rank fails here on the
-            # same bucket, so every rank switches to the all-reduce emulation together.
+            # same bucket, so every rank switches to the all-reduce emulation together. NCCL has
+            # it, so an error there is a real communicator failure and must not be retried.
+            if dist.get_backend(self.group) == "nccl":
+                raise
             self.emulated_reduce_scatter = True
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             self._pending.append((bucket, work, flat))

@@ -293,6 +293,7 @@ class OffloadAdamW(torch.optim.Optimizer):
                     self._update(seg, grad_scale, groups)
         except BaseException as exc:  # surfaced on the main thread by _join_background
             self._bg_error = exc
+            return  # a partly updated master must not reach the model
         self._copy_pending = True
 
     def _join_background(self) -> None:

@@ -170,6 +170,8 @@ class Zero2OffloadAdamW(OffloadAdamW):
             try:
                 dist.all_gather_single(full, local, group=self.process_group)
             except (RuntimeError, NotImplementedError):  # backends without the flat variant
+                if self._nccl:  # NCCL has it: this is a communicator failure, not a missing op
+                    raise
                 dist.all_gather(list(full.chunk(self.world_size)), local, group=self.process_group)
             with torch.no_grad():
                 for p, off in zip(bucket.params, bucket.offsets):
