@@ -284,11 +284,15 @@ void run_chunk(const Args& a, int64_t chunk) {
 template <Format F>
 void run_all(const Args& a) {
   const int64_t chunks = a.numel == 0 ? 0 : (a.block_phase + a.numel + kBlock - 1) / kBlock;
-  // Threads claim pieces of 64 chunks (16K elements, ~10 us) from a shared counter instead of
-  // taking a fixed half each: on a shared machine a thread that is descheduled mid-step leaves
-  // its work to the others rather than stalling the step until it runs again. Which thread runs
-  // a chunk never changes its bits.
-  constexpr int64_t kPiece = 64;
+  // Threads claim pieces of chunks from a shared counter instead of taking a fixed half each: on
+  // a shared machine a thread that is descheduled mid-step leaves its work to the others rather
+  // than stalling the step until it runs again. Pieces are as long as that allows (a quarter of
+  // a thread's share, at most 4096 chunks = 1M elements): where a piece ends, each of the seven
+  // memory streams restarts and the hardware prefetchers ramp up again. 16K-element pieces ran
+  // 5-10% slower than 256K at 50M parameters, and 2K-element pieces 17-28%. Which thread runs a
+  // chunk never changes its bits.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t kPiece = std::clamp<int64_t>(chunks / (4 * threads), 64, 4096);
   const int64_t pieces = (chunks + kPiece - 1) / kPiece;
   std::atomic<int64_t> next{0};
   auto work = [&] {
@@ -300,7 +304,7 @@ void run_all(const Args& a) {
     }
     stream_fence();
   };
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), pieces);
+  const int64_t workers = std::min<int64_t>(threads, pieces);
   if (workers <= 1 || at::in_parallel_region()) {
     work();
   } else {
