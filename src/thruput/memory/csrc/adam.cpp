@@ -3,10 +3,11 @@
 // Work is split into 256-element chunks (the 8-bit blocks, and small enough that the per-chunk
 // scratch buffers stay in L1). Chunks follow a grid of 256 that starts `block_phase` elements
 // before master[0], so the first and last chunk may be short: with block_phase =
-// index_offset % 256, a shard's 8-bit blocks are those of the whole tensor it was cut from. Each chunk reads every input stream from memory once and
-// writes every output stream once; the gradient and parameter-copy conversions run over L1
-// scratch. Inner loops are plain loops that GCC vectorises at -O3 -march=native (checked with
-// -fopt-info-vec); threads of at::parallel_for claim pieces of chunks as they go.
+// index_offset % 256, a shard's 8-bit blocks are those of the whole tensor it was cut from.
+// Each chunk reads every input stream from memory once and writes every output stream once;
+// the gradient and parameter-copy conversions run over L1 scratch. Inner loops are plain loops
+// that GCC vectorises at -O3 -march=native (checked with -fopt-info-vec); threads of
+// at::parallel_for walk contiguous shares of the chunks (see run_all).
 //
 // With fp32 states the arithmetic mirrors torch.optim.AdamW's single-tensor step operation by
 // operation (lerp and addcmul are fused multiply-adds there, so they are std::fma here; everything
@@ -24,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 #if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -284,31 +286,41 @@ void run_chunk(const Args& a, int64_t chunk) {
 template <Format F>
 void run_all(const Args& a) {
   const int64_t chunks = a.numel == 0 ? 0 : (a.block_phase + a.numel + kBlock - 1) / kBlock;
-  // Threads claim pieces of chunks from a shared counter instead of taking a fixed half each: on
-  // a shared machine a thread that is descheduled mid-step leaves its work to the others rather
-  // than stalling the step until it runs again. Pieces are as long as that allows (a quarter of
-  // a thread's share, at most 4096 chunks = 1M elements): where a piece ends, each of the seven
-  // memory streams restarts and the hardware prefetchers ramp up again. 16K-element pieces ran
-  // 5-10% slower than 256K at 50M parameters, and 2K-element pieces 17-28%. Which thread runs a
-  // chunk never changes its bits.
+  // Each thread walks its own contiguous share of the chunks, a piece at a time, and when it is
+  // done takes the next pieces of the shares still in progress. So the seven memory streams of a
+  // thread run on across pieces (where a thread's walk jumps, each stream restarts and the
+  // hardware prefetchers ramp up again: 2K-element pieces handed out round-robin ran 17-28%
+  // slower than 16K ones, and those 5-10% slower than 256K), while on a shared machine a thread
+  // that is descheduled mid-step leaves its remaining pieces to the others rather than stalling
+  // the step until it runs again. Which thread runs a chunk never changes its bits.
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t kPiece = std::clamp<int64_t>(chunks / (4 * threads), 64, 4096);
-  const int64_t pieces = (chunks + kPiece - 1) / kPiece;
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t piece; (piece = next.fetch_add(1, std::memory_order_relaxed)) < pieces;) {
-      const int64_t end = std::min(chunks, (piece + 1) * kPiece);
-      for (int64_t c = piece * kPiece; c < end; ++c) {
-        if (a.h.lerp_from_m) run_chunk<F, true>(a, c); else run_chunk<F, false>(a, c);
+  const int64_t piece_len = std::clamp<int64_t>(chunks / (8 * threads), 64, 1024);
+  const int64_t pieces = (chunks + piece_len - 1) / piece_len;
+  const int64_t workers = std::min<int64_t>(threads, pieces);
+  struct alignas(64) Share { std::atomic<int64_t> next; int64_t end; };  // one cache line each
+  std::vector<Share> shares(std::max<int64_t>(workers, 1));
+  for (int64_t w = 0; w < workers; ++w) {
+    shares[w].next.store(pieces * w / workers, std::memory_order_relaxed);
+    shares[w].end = pieces * (w + 1) / workers;
+  }
+  auto work = [&](int64_t w) {
+    for (int64_t k = 0; k < workers; ++k) {
+      Share& share = shares[(w + k) % workers];
+      for (int64_t piece; (piece = share.next.fetch_add(1, std::memory_order_relaxed)) < share.end;) {
+        const int64_t end = std::min(chunks, (piece + 1) * piece_len);
+        for (int64_t c = piece * piece_len; c < end; ++c) {
+          if (a.h.lerp_from_m) run_chunk<F, true>(a, c); else run_chunk<F, false>(a, c);
+        }
       }
     }
     stream_fence();
   };
-  const int64_t workers = std::min<int64_t>(threads, pieces);
   if (workers <= 1 || at::in_parallel_region()) {
-    work();
+    for (int64_t w = 0; w < workers; ++w) work(w);
   } else {
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { work(); });
+    at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t stop) {
+      for (int64_t w = begin; w < stop; ++w) work(w);
+    });
   }
 }
 
