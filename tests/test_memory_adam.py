@@ -290,10 +290,10 @@ def test_bf16_stochastic_rounding_is_unbiased() -> None:
     assert abs(y.mean().item() - x[0].item()) < 2e-5
 
 
-def _train_tiny_mlp(state_dtype: str, steps: int = 500) -> float:
+def _train_tiny_mlp(state_dtype: str, seed: int, steps: int = 500) -> float:
     """Minibatch regression with a 16-32-1 MLP whose flat fp32 master is stepped by adamw_step;
-    returns the final full-data loss (it starts at 1.78)."""
-    gen = torch.Generator().manual_seed(0)
+    returns the final full-data loss (it starts at 1.78 for seed 0)."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(512, 16, generator=gen)
     y = torch.sin(x @ torch.randn(16, 1, generator=gen)) + 0.05 * torch.randn(512, 1, generator=gen)
     shapes = [(16, 32), (32,), (32, 1), (1,)]
@@ -314,10 +314,14 @@ def _train_tiny_mlp(state_dtype: str, steps: int = 500) -> float:
 
 
 def test_low_precision_states_converge_like_fp32(cpp: None) -> None:
-    ref = _train_tiny_mlp("fp32")
-    assert ref < 0.05  # it learned
-    for state_dtype in ("bf16", "int8"):  # no worse than 2% above fp32 (being lower is noise, not a fault)
-        assert _train_tiny_mlp(state_dtype) <= 1.02 * ref, state_dtype
+    """Final loss no worse than 2% above fp32 on average over three data seeds (being lower is
+    noise, not a fault; one seed alone moves by about 2% with the rounding noise)."""
+    seeds = (0, 1, 2)
+    ref = [_train_tiny_mlp("fp32", seed) for seed in seeds]
+    assert max(ref) < 0.05  # it learned
+    for state_dtype in ("bf16", "int8"):
+        ratios = [_train_tiny_mlp(state_dtype, seed) / r for seed, r in zip(seeds, ref)]
+        assert sum(ratios) / len(ratios) <= 1.02, (state_dtype, ratios)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [

@@ -13,6 +13,11 @@ written per second by a large ``dst.copy_(src)`` and by an in-place ``x.mul_(1.0
 is higher (copy_ also pays a read for ownership of dst that it does not count, so on some
 machines the in-place pass is the better estimate of what the memory system can do).
 
+The implementations are built together and step in turn, so that each sees the same machine:
+on the 2-core development VM the memory bandwidth moves by up to 50% for tens of seconds at a
+time, and the peers (three passes, partly compute-bound) gain more from a fast spell than the
+one-pass kernel does. That needs ~15 GB of memory at 200M parameters.
+
 On a machine shared with other work, wall-clock step times move in scheduler ticks, so the run
 also reports a load-robust check: each implementation on one thread, timed in that thread's CPU
 seconds (``cpu_1thread``; work per parameter, memory stalls included, other tenants excluded).
@@ -44,9 +49,9 @@ ONE_PASS_BYTES = 2 + 8 + 2  # bf16 grad in, fp32 master read + written, bf16 par
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="10,50,200", help="parameter counts in millions, comma-separated")
-    parser.add_argument("--rounds", type=int, default=3, help="passes over all implementations per size")
-    parser.add_argument("--reps", type=int, default=3, help="timed steps per implementation per round")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation per round")
+    parser.add_argument("--steps", type=int, default=12,
+                        help="timed steps per implementation per size (the implementations take turns)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per implementation per size")
     parser.add_argument("--cpu-check", type=float, default=20,
                         help="millions of params for the one-thread CPU-time check (0: skip it)")
 
@@ -109,37 +114,43 @@ def _deepspeed_peer() -> Arm | str:
     return Arm("DeepSpeed CPUAdam", True, ONE_PASS_BYTES + STATE_BYTES["fp32"], make)
 
 
-def copy_bandwidth(nbytes: int, reps: int) -> dict[str, float]:
-    """Bytes read + written per second (median of ``reps``, after one untimed pass) over
-    ``nbytes`` fp32 buffers by ``dst.copy_(src)`` ("copy") and ``x.mul_(1.0)`` ("inplace")."""
-    src = torch.full((nbytes // 4,), 1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # fault the pages in
+class CopyBandwidth:
+    """Bytes read + written per second over ``nbytes`` fp32 buffers by ``dst.copy_(src)``
+    ("copy") and ``x.mul_(1.0)`` ("inplace"), sampled by :meth:`sample` between the arms' steps."""
 
-    def median_seconds(fn: Callable[[], object]) -> float:
-        times = []
-        for _ in range(reps):
+    def __init__(self, nbytes: int) -> None:
+        self.src = torch.full((nbytes // 4,), 1.0)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)  # fault the pages in
+        self.samples: dict[str, list[float]] = {"copy": [], "inplace": []}
+
+    def sample(self) -> None:
+        for name, fn in (("copy", lambda: self.dst.copy_(self.src)), ("inplace", lambda: self.src.mul_(1.0))):
             t0 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+            self.samples[name].append(2 * self.src.nbytes / (time.perf_counter() - t0))
 
-    moved = 2 * nbytes
-    return {"copy": moved / median_seconds(lambda: dst.copy_(src)),
-            "inplace": moved / median_seconds(lambda: src.mul_(1.0))}
+    def medians(self) -> dict[str, float]:
+        return {k: statistics.median(v) for k, v in self.samples.items()}
 
 
-def _time_arm(arm: Arm, master0: torch.Tensor, grad: torch.Tensor, warmup: int, reps: int) -> list[float]:
-    """Seconds per step for ``reps`` steps of a freshly built arm, after ``warmup`` steps."""
-    step = arm.make(master0, grad)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    del step
+def _interleaved_times(arms: list[Arm], master0: torch.Tensor, grad: torch.Tensor, warmup: int, steps: int,
+                       between: Callable[[], None]) -> dict[str, list[float]]:
+    """Seconds per step of ``arms``, all built at once and stepped in turn (ABBA order): on a
+    shared VM the memory bandwidth moves by up to 50% for tens of seconds at a time, and
+    stepping in turn puts every arm under the same conditions. ``between`` runs after each turn."""
+    fns = {arm.name: arm.make(master0, grad) for arm in arms}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(steps):
+        for name in fns if i % 2 == 0 else list(fns)[::-1]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+        between()
+    del fns
     gc.collect()
     return times
 
@@ -176,18 +187,18 @@ def run(args: argparse.Namespace) -> dict:
     if not kernel_available():
         raise SystemExit(f"thruput bench adam: the C++ kernel did not build: {kernel_build_error()}")
     sizes = [10, 50] if args.quick else [int(float(s)) for s in args.sizes.split(",")]
-    rounds, reps, warmup = (2, 2, 1) if args.quick else (args.rounds, args.reps, args.warmup)
+    steps, warmup = (4, 1) if args.quick else (args.steps, args.warmup)
     arms = [_ours("fp32"), _ours("bf16"), _ours("int8"), _torch_peer("fused"), _torch_peer("foreach")]
     ds = _deepspeed_peer()
     if isinstance(ds, Arm):
         arms.append(ds)
     load_before = os.getloadavg()
-    bw_bytes = 1 << 29 if not args.quick else 1 << 27
-    bw_samples: dict[str, list[float]] = {"copy": [], "inplace": []}
+    bandwidth_probe = CopyBandwidth(1 << 29 if not args.quick else 1 << 27)
     result: dict = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
         "workload": "bf16 grad in, fp32 AdamW master step, bf16 param out; median of "
-                    f"{rounds} rounds x {reps} steps (each after {warmup} warm-up) per implementation",
+                    f"{steps} steps per implementation (after {warmup} warm-up), the implementations "
+                    "stepped in turn (torch foreach in a pass of its own)",
         "deepspeed": "present" if isinstance(ds, Arm) else ds,
         "sizes": {},
     }
@@ -197,22 +208,20 @@ def run(args: argparse.Namespace) -> dict:
         gen = torch.Generator().manual_seed(0)
         master0 = torch.randn(n, generator=gen)
         grad = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
-        # Only one implementation's buffers are alive at a time (200M params need ~4 GB each), so
-        # instead of interleaving steps, whole passes over the implementations alternate in order:
-        # a change in machine load during the run then falls on all of them.
-        samples: dict[str, list[float]] = {arm.name: [] for arm in arms}
-        for r in range(rounds):
-            for k, v in copy_bandwidth(bw_bytes, reps).items():  # under the same load as the arms
-                bw_samples[k].append(v)
-            for arm in arms if r % 2 == 0 else arms[::-1]:
-                samples[arm.name] += _time_arm(arm, master0, grad, warmup, reps)
+        # Every arm but foreach (4x slower than the others, never the best peer) is alive at
+        # once: ~15 GB at 200M parameters. foreach then runs alone.
+        together = [arm for arm in arms if arm.name != "torch foreach"]
+        samples = _interleaved_times(together, master0, grad, warmup, steps, bandwidth_probe.sample)
+        alone = [arm for arm in arms if arm.name == "torch foreach"]
+        samples.update(_interleaved_times(alone, master0, grad, warmup, max(2, steps // 3), lambda: None))
         per_size_rows[millions] = {arm.name: (arm, statistics.median(samples[arm.name])) for arm in arms}
         del master0, grad
         gc.collect()
     cpu_millions = 10 if args.quick else args.cpu_check
     if cpu_millions > 0:
-        result["cpu_1thread"] = cpu_time_check(arms, int(cpu_millions * 1e6), reps)
-    measured = {k: statistics.median(v) for k, v in bw_samples.items()}
+        result["cpu_1thread"] = cpu_time_check(arms, int(cpu_millions * 1e6), 3)
+    measured = bandwidth_probe.medians()
+    del bandwidth_probe
     bandwidth = max(measured.values())
     result["machine"].update({"copy_bandwidth_GBps": bandwidth / 1e9,
                               **{f"{k}_bandwidth_GBps": v / 1e9 for k, v in measured.items()}})

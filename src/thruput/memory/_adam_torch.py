@@ -82,12 +82,10 @@ def _mul32(x: Tensor, c: int) -> Tensor:
 
 
 def hash32(idx: Tensor, seed: int) -> Tensor:
-    """mix32((lo32(i) * golden) ^ hi32(i) * k ^ seed): 32 random bits per element index, as int64;
-    mix32(x) = x' ^ (x' >> 15) with x' = (x ^ (x >> 16)) * 0x21F0AAAD, as in adam.cpp."""
-    x = _mul32(idx & _M32, 0x9E3779B1) ^ _mul32(idx >> 32, 0x7FEB352D) ^ seed
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x21F0AAAD)
-    return x ^ (x >> 15)
+    """32 random bits per element index, as int64, as in adam.cpp: x = (lo32(i) ^ hi32(i) * k ^ seed)
+    * golden mod 2**32, then x ^ (x >> 16)."""
+    x = _mul32((idx & _M32) ^ _mul32(idx >> 32, 0x7FEB352D) ^ seed, 0x9E3779B1)
+    return x ^ (x >> 16)
 
 
 def round_bf16_stochastic(x: Tensor, r16: Tensor) -> Tensor:
