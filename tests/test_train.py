@@ -88,3 +88,38 @@ def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch) -
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000001.pt"]  # no temporary left behind
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 1
+
+
+def _global_mean_worker(rank: int, init_file: str) -> None:
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from thruput.comm import GradientBuckets
+    from thruput.train import backward_global_mean
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 5)
+        x = torch.randn(2, 12, 8, generator=torch.Generator().manual_seed(1))
+        labels = torch.randint(0, 5, (2, 12), generator=torch.Generator().manual_seed(2))
+        labels[0, 3:] = -100  # rank 0 holds 3 labelled tokens, rank 1 all 12
+        comm = GradientBuckets(model.parameters(), op="all_reduce")
+        loss = F.cross_entropy(model(x[rank]), labels[rank], ignore_index=-100)
+        backward_global_mean(loss, int((labels[rank] != -100).sum()), 2, torch.device("cpu"))
+        comm.finish()
+        reference = torch.nn.Linear(8, 5)
+        reference.load_state_dict(model.state_dict())
+        F.cross_entropy(reference(x.flatten(0, 1)), labels.flatten(), ignore_index=-100).backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_gradients_are_those_of_the_global_token_mean(tmp_path) -> None:
+    """Two ranks with 3 and 12 labelled tokens step like one rank on the mean over all 15 (a mean
+    of the two per-rank means would weight rank 0's tokens 4x)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_global_mean_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)

@@ -291,7 +291,7 @@ def train(
                 with prof.phase("forward"), autocast:
                     loss = loss_fn(batch)
                 with prof.phase("backward"):
-                    loss.backward()
+                    backward_global_mean(loss, useful, world, device)
                 if comm is not None:
                     prof.add_time("comm", comm.finish())
                 with prof.phase("optimizer"):
@@ -346,6 +346,18 @@ def train(
         save_json(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.json")
         save_html(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.html")
     return result
+
+
+def backward_global_mean(loss: torch.Tensor, labelled: int, world: int, device: torch.device) -> None:
+    """Backward of this rank's per-token mean ``loss`` over ``labelled`` tokens, weighted so that
+    gradients averaged over ranks are those of the mean over every labelled token of the global
+    batch (a plain mean of per-rank means is that only when the ranks hold equal counts). One
+    scalar all-reduce per step when ``world > 1``."""
+    if world == 1:
+        loss.backward()
+        return
+    total = _sum_over_ranks(labelled, world, device)
+    (loss * (world * labelled / max(1, total))).backward()
 
 
 def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
