@@ -273,7 +273,6 @@ def train(
 
     progress = _progress(cfg, step) if show_progress and rank == 0 else None
     batches = prof.wrap_loader(loader)
-    resumed_useful, local_useful = result.useful_tokens, 0  # labelled tokens: all ranks / this rank
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     try:
         while step < end:
@@ -291,7 +290,7 @@ def train(
                 with prof.phase("forward"), autocast:
                     loss = loss_fn(batch)
                 with prof.phase("backward"):
-                    backward_global_mean(loss, useful, world, device)
+                    step_useful = backward_global_mean(loss, useful, world, device)  # all ranks
                 if comm is not None:
                     prof.add_time("comm", comm.finish())
                 with prof.phase("optimizer"):
@@ -314,14 +313,12 @@ def train(
                             prof.counter(key, value)
             step += 1
             result.losses.append(loss.item())
-            local_useful += useful
+            result.useful_tokens += step_useful
             if progress is not None:
                 progress.advance(loss=result.losses[-1])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world, device)
                 saved = _save(cfg, step, rank, sharded, model, optimizer, scheduler, loader, prof, result)
                 result.checkpoints += [saved] if saved else []
-        result.useful_tokens = resumed_useful + _sum_over_ranks(local_useful, world, device)
         if offload:
             optimizer.flush()  # a delayed update lands: the returned model holds the newest weights
         if cfg.checkpoint.dir and step > result.start_step and not (
@@ -348,23 +345,17 @@ def train(
     return result
 
 
-def backward_global_mean(loss: torch.Tensor, labelled: int, world: int, device: torch.device) -> None:
+def backward_global_mean(loss: torch.Tensor, labelled: int, world: int, device: torch.device) -> int:
     """Backward of this rank's per-token mean ``loss`` over ``labelled`` tokens, weighted so that
     gradients averaged over ranks are those of the mean over every labelled token of the global
-    batch (a plain mean of per-rank means is that only when the ranks hold equal counts). One
-    scalar all-reduce per step when ``world > 1``."""
+    batch (a plain mean of per-rank means is that only when the ranks hold equal counts).
+    Returns the labelled tokens of all ranks: one scalar all-reduce when ``world > 1``."""
     if world == 1:
         loss.backward()
-        return
-    total = _sum_over_ranks(labelled, world, device)
-    (loss * (world * labelled / max(1, total))).backward()
-
-
-def _sum_over_ranks(value: int, world: int, device: torch.device) -> int:
-    if world == 1:
-        return value
-    total = torch.tensor([value], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
+        return labelled
+    total = torch.tensor([labelled], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(total)
+    (loss * (world * labelled / max(1, int(total)))).backward()
     return int(total)
 
 

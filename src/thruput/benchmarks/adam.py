@@ -210,9 +210,9 @@ def run(args: argparse.Namespace) -> dict:
         grad = (torch.randn(n, generator=gen) * 1e-2).to(torch.bfloat16)
         # Every arm but foreach (4x slower than the others, never the best peer) is alive at
         # once: ~15 GB at 200M parameters. foreach then runs alone.
-        together = [arm for arm in arms if arm.name != "torch foreach"]
-        samples = _interleaved_times(together, master0, grad, warmup, steps, bandwidth_probe.sample)
         alone = [arm for arm in arms if arm.name == "torch foreach"]
+        together = [arm for arm in arms if arm not in alone]
+        samples = _interleaved_times(together, master0, grad, warmup, steps, bandwidth_probe.sample)
         samples.update(_interleaved_times(alone, master0, grad, warmup, max(2, steps // 3), lambda: None))
         per_size_rows[millions] = {arm.name: (arm, statistics.median(samples[arm.name])) for arm in arms}
         del master0, grad

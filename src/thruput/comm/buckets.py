@@ -112,9 +112,10 @@ class GradientBuckets:
       averaged over ranks, through ``on_shard(bucket, shard)`` (``shard`` is a 1-D tensor of
       ``bucket.shard_numel`` elements; map it to parameters with :meth:`Bucket.shard_pieces`).
       The full gradients are released (``param.grad = None``) once flattened, unless
-      ``release_grads=False``. ``shard_align``: see :func:`plan_buckets`. Backends without reduce-scatter are served by an all-reduce of
-      the whole buffer followed by taking the local slice (``emulated_reduce_scatter`` tells
-      which path ran); ``emulate_reduce_scatter=True`` forces it.
+      ``release_grads=False``. ``shard_align``: see :func:`plan_buckets`. Backends without
+      reduce-scatter are served by an all-reduce of the whole buffer followed by taking the
+      local slice (``emulated_reduce_scatter`` tells which path ran); ``emulate_reduce_scatter=True``
+      forces it.
 
     Call :meth:`finish` after ``loss.backward()`` and before the optimizer step. It returns the
     exposed communication time in seconds: how long it blocked waiting for collectives still in

@@ -16,9 +16,9 @@ the low-precision formats, which have no torch result to match, divide once inst
 (``step_size * sqrt(bc2) * m / (sqrt(v) + eps * sqrt(bc2))``). The two implementations therefore
 agree bit for bit, including stochastic-rounding decisions, which come from a counter-based hash
 of (step, global element index: see ``index_offset``). With fp32 states they match
-torch.optim.AdamW(fused=True) on parameters bit for bit; the
-default single-tensor AdamW differs by an ulp here and there, because its vectorised fp32 sqrt
-is not correctly rounded on every CPU. Steps with non-finite gradients, or gradients whose square
+torch.optim.AdamW(fused=True) on parameters bit for bit; the default single-tensor AdamW
+differs by an ulp here and there, because its vectorised fp32 sqrt is not correctly rounded on
+every CPU. Steps with non-finite gradients, or gradients whose square
 overflows fp32 (above 1.8e19), are the caller's to skip (as a loss scaler does): they leave
 non-finite moments, 8-bit blocks do not encode NaN, and the two implementations may differ there.
 

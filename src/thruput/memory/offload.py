@@ -273,9 +273,7 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def _update(self, seg: Segment, grad_scale: float, groups: list[dict[str, Any]] | None = None) -> None:
         group = (self.param_groups if groups is None else groups)[seg.group]
-        if seg.copy_event is not None:  # the previous copy out of param_out/master must be done
-            seg.copy_event.synchronize()
-            seg.copy_event = None
+        seg.wait_copy_out()
         seg.step += 1
         beta1, beta2 = group["betas"]
         adamw_step(seg.master, seg.grad, seg.state, seg.param_out, step=seg.step, lr=float(group["lr"]),
@@ -369,9 +367,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         """
         self.flush()
         for seg in self.segments:  # the host writes the masters a copy to the device may still read
-            if seg.copy_event is not None:
-                seg.copy_event.synchronize()
-                seg.copy_event = None
+            seg.wait_copy_out()
         import_state(self.param_groups, self.segments, self.state_dtype, state_dict)
         extra = state_dict.get("offload")
         if extra is not None:

@@ -44,7 +44,13 @@ class Segment:
     step: int = 0
     fresh: list[bool] = field(default_factory=list)  # next gradient of piece i overwrites
     staged: list[Any] = field(default_factory=list)  # piece i waits in grad_stage (True or a CUDA event)
-    copy_event: Any = None
+    copy_event: Any = None  # CUDA: marks the end of the last copy out of param_out / master
+
+    def wait_copy_out(self) -> None:
+        """Block until the last device copy out of ``param_out`` / ``master`` has read them."""
+        if self.copy_event is not None:
+            self.copy_event.synchronize()
+            self.copy_event = None
 
 
 def check_params(trainable: list[Tensor]) -> torch.device:

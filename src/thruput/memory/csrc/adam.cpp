@@ -282,9 +282,14 @@ void run_chunk(const Args& a, int64_t chunk) {
   if (a.param_out) store_param(p, a.param_out, a.out_dt, i0, n);
 }
 
+// Chunks (and 8-bit blocks) over numel elements whose first sits at block_phase of its chunk.
+inline int64_t n_chunks(int64_t numel, int64_t block_phase) {
+  return numel == 0 ? 0 : (block_phase + numel + kBlock - 1) / kBlock;
+}
+
 template <Format F>
 void run_all(const Args& a) {
-  const int64_t chunks = a.numel == 0 ? 0 : (a.block_phase + a.numel + kBlock - 1) / kBlock;
+  const int64_t chunks = n_chunks(a.numel, a.block_phase);
   // Each thread walks its own contiguous share of the chunks, a piece at a time, and when it is
   // done takes the next pieces of the shares still in progress. So the seven memory streams of a
   // thread run on across pieces (where a thread's walk jumps, each stream restarts and the
@@ -365,7 +370,7 @@ void adamw_step(at::Tensor master, at::Tensor grad, c10::optional<at::Tensor> pa
   } else if (state_dtype == "int8") {
     TORCH_CHECK(exp_avg_scale.has_value() && exp_avg_sq_scale.has_value(), "int8 states need scales");
     TORCH_CHECK(exp_avg.scalar_type() == at::kChar && exp_avg_sq.scalar_type() == at::kByte, "int8/uint8 codes expected");
-    const int64_t blocks = master.numel() == 0 ? 0 : (block_phase + master.numel() + kBlock - 1) / kBlock;
+    const int64_t blocks = n_chunks(master.numel(), block_phase);
     TORCH_CHECK(exp_avg_scale->numel() == blocks && exp_avg_sq_scale->numel() == blocks &&
                 exp_avg_scale->scalar_type() == at::kFloat && exp_avg_sq_scale->scalar_type() == at::kFloat,
                 "adamw_step: one fp32 scale per 256-element block expected");
