@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from thruput.data.sources import MalformedRecord, Source
-from thruput.data.tokenize import Tokenizer
+from thruput.data.tokenize import DocumentTokenizer
 
 
 def epoch_order(block_sizes: np.ndarray, seed: int, name: str, epoch: int) -> np.ndarray:
@@ -68,8 +68,10 @@ class Chunk:
         return int(self.records.size)
 
 
-def tokenize_chunk(source: Source, tokenizer: Tokenizer, order: StreamOrder, start: int, count: int) -> Chunk:
+def tokenize_chunk(source: Source, documents: DocumentTokenizer, order: StreamOrder, start: int, count: int) -> Chunk:
     """Read, filter, transform and tokenize stream positions ``[start, start + count)``.
+
+    ``documents`` is the plan's ``document_tokenizer`` (it appends the EOS when the plan has one).
 
     Raises the source's ``MalformedRecord`` unless ``source.on_error == "skip"``.
     """
@@ -88,7 +90,7 @@ def tokenize_chunk(source: Source, tokenizer: Tokenizer, order: StreamOrder, sta
             continue
         if text is None:
             continue
-        ids = tokenizer.encode(text) if isinstance(text, str) else np.asarray(text, dtype=np.int32)
+        ids = documents(text)
         arrays.append(ids)
         lengths[i] = ids.size
     tokens = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)
