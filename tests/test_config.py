@@ -101,7 +101,8 @@ def _with_weight(weight: object) -> dict:
 @pytest.mark.parametrize(
     "weight, message",
     [
-        ({"schedule": "linear", "start": 1.0, "end": 0.2}, r"^data.sources\[1\].weight.steps: required for schedule 'linear'$"),
+        ({"schedule": "linear", "start": 1.0, "end": 0.2},
+         r"^data.sources\[1\].weight.steps: required for schedule 'linear'$"),
         ({"schedule": "linear", "start": 1.0, "end": 0.2, "steps": 0}, r"^data.sources\[1\].weight.steps: must be positive"),
         ({"schedule": "cosine", "start": -1.0, "end": 0.2, "steps": 3}, r"^data.sources\[1\].weight.start: must be >= 0"),
         ({"schedule": "linear", "start": 1, "end": 0, "steps": 3, "begin": -2}, r"^data.sources\[1\].weight.begin: must be >= 0"),

@@ -96,3 +96,15 @@ def test_train_with_a_tokenizer_folder_eos_and_a_schedule(data, bpe):
     finally:
         loader.close()
     assert len(train(cfg).losses) == 2
+
+
+def test_cli_prints_a_bad_data_config_as_one_line(data, capsys):
+    from thruput.cli import main
+
+    path = data / "run.toml"
+    path.write_text(f'steps = 2\n[[data.sources]]\nname = "web"\nkind = "jsonl"\npath = "{data / "web"}"\n'
+                    'text_field = "content"\n')
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thruput train: bad config: data.sources[0].text_field: source 'web': file ")
+    assert err.endswith("line 1: no field 'content' (fields: text, id)") and "\n" not in err

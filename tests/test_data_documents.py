@@ -66,6 +66,18 @@ def test_eos_reaches_worker_processes(tokenizer):
     assert any((b["input_ids"] == tokenizer.eos_id).any() for b in batches)
 
 
+def test_eos_reaches_ray_loaders(tokenizer, ray_address):
+    import uuid
+
+    plan = Plan([MemorySource("a", TEXTS)], seq_len=24, tokens_per_batch=24 * 4, tokenizer=tokenizer)
+    options = {"address": ray_address, "run_id": uuid.uuid4().hex[:8], "chunk_docs": 4, "shadows": 0}
+    with Loader(plan, backend="ray", workers=options, steps=2) as loader:
+        batches = list(loader)
+    for got, want in zip(batches, _batches(plan, 2)):
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+    assert any((b["input_ids"] == tokenizer.eos_id).any() for b in batches)
+
+
 def test_eos_off_keeps_minus_100_at_document_ends(tokenizer):
     plan = Plan([MemorySource("a", TEXTS)], seq_len=24, tokens_per_batch=24 * 4, tokenizer=tokenizer, eos=False)
     assert plan.eos_id is None

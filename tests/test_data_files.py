@@ -8,8 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import thruput.data.jsonl as jsonl
-from thruput.data import DataError, HFTokenizer, JsonlSource, ParquetSource, TextFilesSource
-from thruput.data.sources import FieldError
+from thruput.data import DataError, FieldError, HFTokenizer, JsonlSource, ParquetSource, TextFilesSource
 
 
 def _tree(root, files: dict[str, str]):

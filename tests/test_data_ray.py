@@ -259,7 +259,7 @@ def test_resizing_moves_loaders_between_shared_processes(ray_address):
         pids = ray.get(planner.pids.remote())["loaders"]
         assert len(set(pids["c"])) == 3 and len({p for ps in pids.values() for p in ps}) == 4
         for source in plan.sources:
-            want = tokenize_chunk(source, plan.document_tokenizer, StreamOrder(source, plan.seed), 4, 3)
+            want = tokenize_chunk(source, plan.tokenizer, StreamOrder(source, plan.seed), 4, 3)
             for _, host in moved[source.name]:
                 got = ray.get(host.load.remote(source.name, 4, 3))
                 assert got.records.tolist() == want.records.tolist() and got.tokens.tolist() == want.tokens.tolist()

@@ -57,7 +57,8 @@ class ScheduleConfig:
         for name in ("value", "start", "end", "steps", "begin", "points"):
             given = getattr(self, name) is not None
             if given and name not in keys:
-                raise ConfigError(f"{key}.{name}: not a key of schedule '{self.schedule}' (its keys: {', '.join(keys)})")
+                raise ConfigError(f"{key}.{name}: not a key of schedule '{self.schedule}' "
+                                  f"(its keys: {', '.join(keys)})")
             if not given and name in keys and name not in self.OPTIONAL:
                 raise ConfigError(f"{key}.{name}: required for schedule '{self.schedule}'")
         for name in ("value", "start", "end"):

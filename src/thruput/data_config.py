@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from thruput.config import ConfigError, RunConfig, ScheduleConfig, SourceConfig
-from thruput.data import ByteTokenizer, DataError, HFTokenizer, JsonlSource, MalformedRecord, ParquetSource, TextFilesSource
+from thruput.data import (ByteTokenizer, DataError, FieldError, HFTokenizer, JsonlSource, MalformedRecord,
+                          ParquetSource, TextFilesSource)
 from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files, stdlib_sections
-from thruput.data.sources import FieldError
 
 FILE_KINDS = ("jsonl", "parquet", "text")
 _CHECKED_RECORDS = 8  # records read per file-backed source by check_data

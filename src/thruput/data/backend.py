@@ -12,11 +12,11 @@ from typing import Any, Protocol
 
 from thruput.data.sources import Source
 from thruput.data.stream import Chunk, StreamOrder, tokenize_chunk
-from thruput.data.tokenize import DocumentTokenizer
+from thruput.data.tokenize import Tokenizer
 
 
 class Backend(Protocol):
-    def start(self, sources: Sequence[Source], tokenizer: DocumentTokenizer, seed: int, positions: Mapping[str, int]) -> None:
+    def start(self, sources: Sequence[Source], tokenizer: Tokenizer, seed: int, positions: Mapping[str, int]) -> None:
         """Begin producing each source's stream from ``positions[name]``."""
         ...
 
@@ -39,9 +39,9 @@ class InlineBackend:
     def __init__(self, chunk_docs: int = 32) -> None:
         self.chunk_docs = chunk_docs
         self._state: dict[str, tuple[Source, StreamOrder, int]] = {}
-        self._tokenizer: DocumentTokenizer | None = None
+        self._tokenizer: Tokenizer | None = None
 
-    def start(self, sources: Sequence[Source], tokenizer: DocumentTokenizer, seed: int, positions: Mapping[str, int]) -> None:
+    def start(self, sources: Sequence[Source], tokenizer: Tokenizer, seed: int, positions: Mapping[str, int]) -> None:
         self._tokenizer = tokenizer
         self._state = {s.name: (s, StreamOrder(s, seed), int(positions[s.name])) for s in sources}
 

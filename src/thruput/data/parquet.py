@@ -18,7 +18,8 @@ _STRING_TYPES = ("string", "large_string", "string_view")
 def _check_text_column(name: str, path: Path, schema: Any, column: str) -> None:
     """``FieldError`` unless ``column`` is in ``schema`` with a string type (dictionary-encoded or not)."""
     if column not in schema.names:
-        raise FieldError(f"source '{name}': file '{path}' has no column '{column}' (columns: {', '.join(schema.names)})")
+        raise FieldError(f"source '{name}': file '{path}' has no column '{column}' "
+                         f"(columns: {', '.join(schema.names)})")
     import pyarrow as pa
 
     kind = schema.field(column).type

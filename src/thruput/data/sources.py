@@ -171,7 +171,8 @@ def expand_paths(name: str, paths: str | Path | Sequence[str | Path], patterns: 
                             if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)})
             if not found:
                 wanted = " or ".join(patterns)
-                raise DataError(f"source '{name}': folder '{path}' holds no files named {wanted} (searched recursively)")
+                raise DataError(f"source '{name}': folder '{path}' holds no files named {wanted} "
+                                "(searched recursively)")
             out.extend(found)
         elif path.exists():
             out.append(path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from thruput.data.sources import MalformedRecord, Source
-from thruput.data.tokenize import DocumentTokenizer
+from thruput.data.tokenize import DocumentTokenizer, Tokenizer
 
 
 def epoch_order(block_sizes: np.ndarray, seed: int, name: str, epoch: int) -> np.ndarray:
@@ -68,14 +68,16 @@ class Chunk:
         return int(self.records.size)
 
 
-def tokenize_chunk(source: Source, documents: DocumentTokenizer, order: StreamOrder, start: int, count: int) -> Chunk:
+def tokenize_chunk(source: Source, tokenizer: Tokenizer, order: StreamOrder, start: int, count: int) -> Chunk:
     """Read, filter, transform and tokenize stream positions ``[start, start + count)``.
 
-    ``documents`` is the plan's ``document_tokenizer`` (it appends the EOS when the plan has one).
+    ``tokenizer``: the plan's ``document_tokenizer`` (it appends the EOS when the plan has one);
+    any other tokenizer is used as it is, without an EOS.
 
     Raises the source's ``MalformedRecord`` unless ``source.on_error == "skip"``.
     """
     t0 = time.process_time()
+    documents = tokenizer if isinstance(tokenizer, DocumentTokenizer) else DocumentTokenizer(tokenizer, None)
     records = np.array([order.record(k) for k in range(start, start + count)], dtype=np.int64)
     arrays: list[np.ndarray] = []
     skipped = np.zeros(count, dtype=bool)

@@ -117,15 +117,24 @@ class HFTokenizer:
 
 
 class DocumentTokenizer:
-    """One record's text (or token ids, used as they are) -> the document's tokens.
+    """A tokenizer whose documents end in ``eos_id`` (when it is not None).
 
-    The ids are ``tokenizer``'s, followed by ``eos_id`` when it is not None; an empty document
-    stays empty (it is skipped like a filtered-out record, not trained on as a lone EOS).
+    Calling it on one record's text (or token ids, used as they are) gives the document's
+    tokens: ``tokenizer``'s ids, then the EOS; an empty document stays empty (it is skipped like
+    a filtered-out record, not trained on as a lone EOS). ``encode`` does the same for text, so
+    it is a ``Tokenizer`` itself.
     """
 
     def __init__(self, tokenizer: Tokenizer, eos_id: int | None) -> None:
         self.tokenizer = tokenizer
         self.eos_id = eos_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+    def encode(self, text: str) -> np.ndarray:
+        return self(text)
 
     def __call__(self, text: str | np.ndarray) -> np.ndarray:
         ids = self.tokenizer.encode(text) if isinstance(text, str) else np.asarray(text, dtype=np.int32)

@@ -3,8 +3,9 @@
 It accepts packed rows: ``segment_ids`` (or, without them, ``position_ids`` that do not continue
 the previous token's) mark where a document begins, and attention is then confined to each
 document, at a cost that follows the documents' lengths (``thruput.models.segments``).
-``position_ids`` only set the rotary positions. Without either a row is one causal sequence and
-SDPA's fused causal path is used.
+``position_ids`` only set the rotary positions; rotary attention depends on position differences
+alone, so a piece that continues its document's positions attends as it would from 0 (up to
+rounding). Without either a row is one causal sequence and SDPA's fused causal path is used.
 """
 from __future__ import annotations
 
