@@ -76,7 +76,7 @@ def test_jsonl_line_endings_blank_lines_and_bom(tmp_path, monkeypatch, block):
         monkeypatch.setattr(jsonl, "_READ_BLOCK", block)
     files = {
         "crlf": b'{"text": "a"}\r\n\r\n{"text": "b"}\r\n  \r\n\t\r\n{"text": "c"}\r\n',
-        "lf": b'{"text": "a"}\n\n{"text": "b"}\n   \n{"text": "c"}\n',
+        "lf": b'{"text": "a"}\n\n{"text": "b"}\n   \n \t {"text": "c"}\n',  # JSON may follow spaces
         "no_final_newline": b'{"text": "a"}\r\n\r\n{"text": "b"}\n{"text": "c"}',
         "bom": b'\xef\xbb\xbf{"text": "a"}\r\n{"text": "b"}\r\n{"text": "c"}',
         "bom_alone": b'\xef\xbb\xbf\r\n{"text": "a"}\n{"text": "b"}\n{"text": "c"}\n',
