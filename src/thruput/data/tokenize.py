@@ -37,7 +37,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens: vocabulary of 256, never fails.
 
     It has no EOS token (``eos_id`` is None): all 256 ids are bytes, and an EOS would make the
-    vocabulary 257. Documents end by position ids and labels alone (see ``Loader``).
+    vocabulary 257. Documents end by segment ids and labels alone (see ``Loader``).
     """
 
     vocab_size = 256
