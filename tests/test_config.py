@@ -60,3 +60,71 @@ def test_missing_and_malformed_files(tmp_path) -> None:
 def test_every_example_config_is_valid(path) -> None:
     cfg = load_config(path)
     assert cfg.steps > 0 and cfg.data.sources
+
+
+SCHEDULES = """
+[[data.sources]]
+name = "a"
+weight = { schedule = "linear", start = 1.0, end = 0.2, steps = 1000 }
+[[data.sources]]
+name = "b"
+weight = { schedule = "cosine", start = 0.5, end = 0.0, steps = 10, begin = 5 }
+[[data.sources]]
+name = "c"
+weight = { schedule = "piecewise", points = [[0, 1.0], [100, 0.25]] }
+[[data.sources]]
+name = "d"
+weight = { schedule = "constant", value = 2 }
+[[data.sources]]
+name = "e"
+weight = 0.5
+"""
+
+
+def test_weight_schedules_in_toml_map_onto_mixture_schedules(tmp_path) -> None:
+    from thruput.data import mixture
+
+    path = tmp_path / "run.toml"
+    path.write_text(SCHEDULES)
+    cfg = load_config(path)
+    built = [s.weight.build() if not isinstance(s.weight, float) else s.weight for s in cfg.data.sources]
+    assert built == [mixture.linear(1.0, 0.2, 1000), mixture.cosine(0.5, 0.0, 10, begin=5),
+                     mixture.piecewise({0: 1.0, 100: 0.25}), mixture.constant(2.0), 0.5]
+    assert built[0](500) == pytest.approx(0.6) and built[1](10) == pytest.approx(0.25) and built[2](150) == 0.25
+    assert from_dict(to_dict(cfg)) == cfg  # round trip through plain data (TOML has no null)
+
+
+def _with_weight(weight: object) -> dict:
+    return {"data": {"sources": [{"name": "a"}, {"name": "b", "weight": weight}]}}
+
+
+@pytest.mark.parametrize(
+    "weight, message",
+    [
+        ({"schedule": "linear", "start": 1.0, "end": 0.2},
+         r"^data.sources\[1\].weight.steps: required for schedule 'linear'$"),
+        ({"schedule": "linear", "start": 1.0, "end": 0.2, "steps": 0}, r"^data.sources\[1\].weight.steps: must be positive"),
+        ({"schedule": "cosine", "start": -1.0, "end": 0.2, "steps": 3}, r"^data.sources\[1\].weight.start: must be >= 0"),
+        ({"schedule": "linear", "start": 1, "end": 0, "steps": 3, "begin": -2}, r"^data.sources\[1\].weight.begin: must be >= 0"),
+        ({"schedule": "constant", "value": 1.0, "steps": 3},
+         r"^data.sources\[1\].weight.steps: not a key of schedule 'constant' \(its keys: value\)$"),
+        ({"schedule": "constant"}, r"^data.sources\[1\].weight.value: required"),
+        ({"schedule": "piecewise", "points": []}, r"^data.sources\[1\].weight.points: needs at least one"),
+        ({"schedule": "piecewise", "points": [[5, 1.0], [5, 2.0]]},
+         r"^data.sources\[1\].weight.points\[1\]: steps must be strictly increasing"),
+        ({"schedule": "piecewise", "points": [[0, "x"]]}, r"^data.sources\[1\].weight.points\[0\]\[1\]: expected float"),
+        ({"schedule": "wave"}, r"^data.sources\[1\].weight.schedule: expected one of 'constant', 'linear'"),
+        ({"start": 1.0}, r"^data.sources\[1\].weight.schedule: required key is missing$"),
+        ({"schedule": "linear", "start": 1, "end": 0, "steps": 3, "stop": 1}, r"^data.sources\[1\].weight.stop: unknown key"),
+        ("high", r"^data.sources\[1\].weight: expected float or a table, got 'high'$"),
+    ],
+)
+def test_bad_weight_schedules_name_the_key(weight: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_dict(_with_weight(weight))
+
+
+def test_schedule_weights_sum_checked_at_step_zero() -> None:
+    raw = {"data": {"sources": [{"name": "a", "weight": {"schedule": "linear", "start": 0.0, "end": 1.0, "steps": 5}}]}}
+    with pytest.raises(ConfigError, match=r"weights sum to zero \(at step 0\)"):
+        from_dict(raw)

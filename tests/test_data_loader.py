@@ -49,9 +49,10 @@ def test_batch_contract():
         assert batch[k].shape == (B, T) and batch[k].dtype == torch.int64
     cu = batch["cu_seqlens"]
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == B * T
-    pos = batch["position_ids"].flatten()
-    starts = set(cu[:-1].tolist())
-    assert set(torch.nonzero(pos == 0).flatten().tolist()) == starts  # positions restart exactly at segment starts
+    seg = batch["segment_ids"]
+    assert seg.shape == (B, T) and seg.dtype == torch.int32
+    # segment_ids number the pieces of cu_seqlens in order
+    assert torch.equal(seg.flatten(), torch.repeat_interleave(torch.arange(cu.numel() - 1, dtype=torch.int32), cu.diff()))
     assert batch["max_seqlen"] == int(torch.diff(cu).max())
     assert sum(batch["tokens_per_source"].values()) == B * T and batch["padding_ratio"] == 0.0
     assert batch["step"] == 0
@@ -63,6 +64,8 @@ def test_batch_contract():
         doc = by_source[name].text(record)
         doc = plan.tokenizer.encode(doc).tolist() if isinstance(doc, str) else list(doc)
         assert flat_ids[t : t + n] == doc[offset : offset + n]
+        # positions are the tokens' places in their document, continued across rows
+        assert batch["position_ids"].flatten()[t : t + n].tolist() == list(range(offset, offset + n))
         expect = doc[offset + 1 : offset + n + 1] + [-100] * (offset + n + 1 - len(doc) if offset + n >= len(doc) else 0)
         assert flat_labels[t : t + n] == expect[:n]
         t += n

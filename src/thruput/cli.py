@@ -20,10 +20,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         config = load_config(args.config)
+        # train() checks the data config (paths, text fields, vocabulary) before it starts
+        train(config, resume=args.resume, show_progress=True, print_report=True)
     except ConfigError as exc:
         print(f"thruput train: bad config: {exc}", file=sys.stderr)
         return 2
-    train(config, resume=args.resume, show_progress=True, print_report=True)
     return 0
 
 

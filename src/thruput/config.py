@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 
 class ConfigError(ValueError):
@@ -28,15 +28,88 @@ class ModelConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A weight that changes with the step: one of ``thruput.data.mixture``'s schedules.
+
+    ``schedule`` picks the kind, and each kind takes its own keys: ``constant``: ``value``;
+    ``linear`` and ``cosine``: ``start``, ``end``, ``steps`` (> 0) and ``begin`` (default 0);
+    ``piecewise``: ``points``, ``[[first_step, weight], ...]`` with strictly increasing steps.
+    In TOML: ``weight = { schedule = "linear", start = 1.0, end = 0.2, steps = 1000 }``.
+    """
+
+    schedule: Literal["constant", "linear", "cosine", "piecewise"]
+    value: float | None = None
+    start: float | None = None
+    end: float | None = None
+    steps: int | None = None
+    begin: int | None = None
+    points: list[tuple[int, float]] | None = None
+
+    KEYS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "constant": ("value",), "linear": ("start", "end", "steps", "begin"),
+        "cosine": ("start", "end", "steps", "begin"), "piecewise": ("points",)}
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("begin",)
+
+    def check(self, key: str) -> None:
+        """``ConfigError`` naming ``key.<field>`` for a key the kind does not take, lacks or
+        has out of range."""
+        keys = self.KEYS[self.schedule]
+        for name in ("value", "start", "end", "steps", "begin", "points"):
+            given = getattr(self, name) is not None
+            if given and name not in keys:
+                raise ConfigError(f"{key}.{name}: not a key of schedule '{self.schedule}' "
+                                  f"(its keys: {', '.join(keys)})")
+            if not given and name in keys and name not in self.OPTIONAL:
+                raise ConfigError(f"{key}.{name}: required for schedule '{self.schedule}'")
+        for name in ("value", "start", "end"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"{key}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.steps is not None and self.steps <= 0:
+            raise ConfigError(f"{key}.steps: must be positive, got {self.steps}")
+        if self.begin is not None and self.begin < 0:
+            raise ConfigError(f"{key}.begin: must be >= 0, got {self.begin}")
+        if self.points is not None:
+            if not self.points:
+                raise ConfigError(f"{key}.points: needs at least one [step, weight] pair")
+            for i, (step, weight) in enumerate(self.points):
+                if step < 0 or weight < 0:
+                    raise ConfigError(f"{key}.points[{i}]: step and weight must be >= 0, got [{step}, {weight}]")
+                if i and step <= self.points[i - 1][0]:
+                    raise ConfigError(f"{key}.points[{i}]: steps must be strictly increasing, got {step} "
+                                      f"after {self.points[i - 1][0]}")
+
+    def at_start(self) -> float:
+        """The weight at step 0."""
+        if self.schedule == "constant":
+            return float(self.value or 0.0)
+        if self.schedule == "piecewise":
+            return float(self.points[0][1]) if self.points else 0.0
+        return float(self.start or 0.0)
+
+    def build(self) -> Any:
+        """The ``thruput.data.mixture`` schedule (a ``step -> weight`` callable)."""
+        from thruput.data import mixture
+
+        if self.schedule == "constant":
+            return mixture.constant(self.value)
+        if self.schedule == "piecewise":
+            return mixture.piecewise(self.points)
+        make = mixture.linear if self.schedule == "linear" else mixture.cosine
+        return make(self.start, self.end, self.steps, self.begin or 0)
+
+
+@dataclass
 class SourceConfig:
-    """One data source. ``kind`` picks the reader; ``path`` is a file, a glob or a folder."""
+    """One data source. ``kind`` picks the reader; ``path`` is a file, a glob or a folder
+    (jsonl: its ``*.jsonl`` files, parquet: ``*.parquet``, text: ``*.txt`` and ``*.md``; searched
+    recursively, sorted, hidden names left out). ``weight`` is a number or a ``ScheduleConfig``."""
 
     name: str
     kind: Literal["stdlib_code", "stdlib_prose", "stdlib_long", "stdlib_sections", "stdlib_functions",
                   "stdlib_docstrings", "jsonl", "parquet", "text"] = "stdlib_code"
     path: str | None = None
     text_field: str = "text"
-    weight: float = 1.0
+    weight: float | ScheduleConfig = 1.0
     max_files: int | None = None
 
 
@@ -51,6 +124,10 @@ class DataConfig:
     backend: Literal["auto", "inline", "process", "ray"] = "auto"
     ray_address: str | None = None
     on_error: Literal["raise", "skip"] = "raise"
+    # A tokenizer.json or a folder holding one (Hugging Face tokenizers); default: UTF-8 bytes.
+    tokenizer: str | None = None
+    # Append the tokenizer's EOS to every document: default when it has one (bytes have none).
+    eos: bool | None = None
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(name="code")])
 
 
@@ -130,13 +207,16 @@ class RunConfig:
         for i, s in enumerate(self.data.sources):
             if s.kind in ("jsonl", "parquet", "text") and not s.path:
                 raise ConfigError(f"data.sources[{i}].path: required for kind {s.kind!r}")
-            if s.weight < 0:
+            if isinstance(s.weight, ScheduleConfig):
+                s.weight.check(f"data.sources[{i}].weight")
+            elif s.weight < 0:
                 raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {s.weight}")
             if s.kind == "stdlib_sections" and self.data.seq_len < 3:
                 raise ConfigError(f"data.seq_len: kind 'stdlib_sections' (data.sources[{i}]) cuts modules into "
                                   f"rows of seq_len + 1 >= 4 bytes, got seq_len {self.data.seq_len}")
-        if sum(s.weight for s in self.data.sources) <= 0:
-            raise ConfigError("data.sources: weights sum to zero")
+        if sum(s.weight.at_start() if isinstance(s.weight, ScheduleConfig) else s.weight
+               for s in self.data.sources) <= 0:
+            raise ConfigError("data.sources: weights sum to zero (at step 0)")
         if self.model.d_model % self.model.n_heads:
             raise ConfigError(
                 f"model.d_model: {self.model.d_model} is not divisible by model.n_heads={self.model.n_heads}")
@@ -203,6 +283,9 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        tables = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(tables) == 1:  # a table: its own errors name its keys
+            return _coerce(tables[0], value, key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -232,4 +315,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def _name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "a table"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

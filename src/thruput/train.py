@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from thruput.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from thruput.config import RunConfig, to_dict
+from thruput.data_config import build_sources, build_tokenizer, check_data
 from thruput.models import GPT, GPTConfig
 from thruput.profile import ClockSampler, StepProfiler, lookup_peak, measure_cpu_peak, run_document
 
@@ -83,7 +84,7 @@ def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor]
         hidden_fn = compiled or model.hidden
 
         def fused(batch: dict) -> torch.Tensor:
-            hidden = hidden_fn(batch["input_ids"], batch.get("position_ids"))
+            hidden = hidden_fn(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
             weight = model.lm_head.weight.to(hidden.dtype)  # bf16 under autocast; a no-op in fp32
             return linear_cross_entropy(hidden.flatten(0, 1), weight, batch["labels"].flatten(),
                                         ignore_index=IGNORE_INDEX)
@@ -93,7 +94,7 @@ def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor]
     forward_fn = compiled or model
 
     def naive(batch: dict) -> torch.Tensor:
-        logits = forward_fn(batch["input_ids"], batch.get("position_ids"))
+        logits = forward_fn(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
 
     return naive
@@ -102,13 +103,13 @@ def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor]
 @torch.no_grad()
 def evaluate(model: GPT, batches: list[dict]) -> float:
     """Mean cross-entropy per labelled token over ``batches`` (document-masked when the batches
-    carry ``position_ids``), in eval mode; the model's mode is restored afterwards."""
+    carry ``segment_ids`` or ``position_ids``), in eval mode; the model's mode is restored afterwards."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for batch in batches:
-            logits = model(batch["input_ids"], batch.get("position_ids"))
+            logits = model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
             labels = batch["labels"].flatten()
             total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX,
                                            reduction="sum"))
@@ -125,45 +126,13 @@ def batch_flops(model: GPT, batch: dict) -> float:
     return model.flops_per_token(float((lengths**2).sum()) / tokens) * tokens
 
 
-def build_sources(cfg: RunConfig) -> list:
-    """The configured sources as ``thruput.data`` sources (the stdlib kinds need no files)."""
-    from thruput.data import JsonlSource, ParquetSource, TextFilesSource
-    from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files, stdlib_sections
-
-    sources = []
-    for s in cfg.data.sources:
-        common = {"weight": s.weight, "on_error": cfg.data.on_error}
-        if s.kind == "stdlib_code":
-            sources.append(TextFilesSource(s.name, stdlib_files(s.max_files), **common))
-        elif s.kind == "stdlib_prose":
-            sources.append(TextFilesSource(s.name, stdlib_files(s.max_files), transform=docstrings, **common))
-        elif s.kind == "stdlib_long":
-            # The largest modules: long documents that packing must split across rows.
-            files = sorted(stdlib_files(), key=lambda p: (-p.stat().st_size, str(p)))[: s.max_files or 64]
-            sources.append(TextFilesSource(s.name, sorted(files), **common))
-        elif s.kind == "stdlib_sections":
-            # Modules cut at line ends into sections of one row each (seq_len + 1 byte tokens).
-            path = stdlib_sections(cfg.data.seq_len + 1, s.max_files)
-            sources.append(JsonlSource(s.name, path, text_key="text", **common))
-        elif s.kind in ("stdlib_functions", "stdlib_docstrings"):
-            path = stdlib_definitions(s.max_files)[s.kind.removeprefix("stdlib_")]
-            sources.append(JsonlSource(s.name, path, text_key="text", **common))
-        elif s.kind == "jsonl":
-            sources.append(JsonlSource(s.name, s.path, text_key=s.text_field, **common))
-        elif s.kind == "parquet":
-            sources.append(ParquetSource(s.name, s.path, text_column=s.text_field, **common))
-        else:
-            sources.append(TextFilesSource(s.name, s.path, **common))
-    return sources
-
-
 def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
     """The data plane for this rank: packed rows of ``seq_len``, ``batch_size`` rows per rank."""
     from thruput.data import Loader, Plan
 
     d = cfg.data
     plan = Plan(build_sources(cfg), seq_len=d.seq_len, tokens_per_batch=d.seq_len * d.batch_size * world,
-                packing=d.pack, world_size=world, seed=cfg.seed)
+                packing=d.pack, world_size=world, seed=cfg.seed, tokenizer=build_tokenizer(cfg), eos=d.eos)
     backend = d.backend
     if backend == "auto":
         backend = "ray" if world > 1 or d.ray_address else "process" if d.workers else "inline"
@@ -217,6 +186,7 @@ def train(
     With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` is loaded and the run
     continues exactly where it stopped: same batches, same optimizer and LR state.
     """
+    check_data(cfg)  # a wrong path, field or vocabulary fails here, before workers or the model
     rank, world = _distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)

@@ -15,9 +15,9 @@ from thruput.data.jsonl import JsonlSource
 from thruput.data.mixture import constant, cosine, linear, piecewise
 from thruput.data.parquet import ParquetSource
 from thruput.data.plan import Plan
-from thruput.data.sources import MalformedRecord, MemorySource, Source, TextFilesSource
+from thruput.data.sources import FieldError, MalformedRecord, MemorySource, Source, TextFilesSource
 from thruput.data.stream import Chunk
-from thruput.data.tokenize import ByteTokenizer, HFTokenizer, Tokenizer
+from thruput.data.tokenize import ByteTokenizer, DocumentTokenizer, HFTokenizer, Tokenizer
 
 # Loader imports torch; loading it lazily keeps source-loader processes (Ray actors, spawned
 # workers) that only unpickle a Source free of torch's memory.
@@ -40,6 +40,8 @@ __all__ = [
     "CostModel",
     "DataError",
     "DeltaCheckpointer",
+    "DocumentTokenizer",
+    "FieldError",
     "HFTokenizer",
     "InlineBackend",
     "JsonlSource",

@@ -138,6 +138,7 @@ def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], s
     input_ids = np.zeros((B, T), dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     position_ids = np.zeros((B, T), dtype=np.int64)
+    segment_ids = np.zeros((B, T), dtype=np.int32)
     cu = [0]
     per_source = np.zeros(len(plan.sources), dtype=np.int64)
     documents = []
@@ -148,13 +149,16 @@ def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], s
             input_ids[b, t : t + n] = p.tokens[off : off + n]
             labels[b, t : t + n - 1] = p.tokens[off + 1 : off + n]
             labels[b, t + n - 1] = p.tokens[off + n] if off + n < p.tokens.size else p.next_token
-            position_ids[b, t : t + n] = np.arange(n)
+            # A piece of a split document continues its positions: a continuation, not a new start.
+            position_ids[b, t : t + n] = np.arange(p.offset + off, p.offset + off + n)
+            segment_ids[b, t : t + n] = len(cu) - 1
             per_source[p.source] += n
             documents.append((plan.sources[p.source].name, p.epoch, p.record, p.offset + off, n))
             t += n
             cu.append(b * T + t)
         if t < T:  # padding: its own segment so attention never mixes it with a document
             position_ids[b, t:] = np.arange(T - t)
+            segment_ids[b, t:] = len(cu) - 1
             cu.append((b + 1) * T)
     seqlens = np.diff(cu)
     used = int(per_source.sum())
@@ -162,6 +166,7 @@ def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], s
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
+        "segment_ids": segment_ids,
         "cu_seqlens": np.asarray(cu, dtype=np.int32),
         "max_seqlen": int(seqlens.max()) if seqlens.size else 0,
         "tokens_per_source": {s.name: int(n) for s, n in zip(plan.sources, per_source)},

@@ -12,10 +12,14 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from thruput.data.errors import DataError
-from thruput.data.sources import MalformedRecord, Record, Source, expand_paths
+from thruput.data.sources import FieldError, MalformedRecord, Record, Source, expand_paths
 
 _READ_BLOCK = 1 << 24  # bytes scanned per read while indexing
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: lines of JSON whitespace only (blank CRLF lines) are not records
+_BOM = b"\xef\xbb\xbf"
+_JSON_SPACE = np.zeros(256, dtype=bool)
+_JSON_SPACE[[9, 10, 13, 32]] = True  # the only whitespace JSON allows: tab, LF, CR, space
+_MAX_LISTED_FIELDS = 20
 
 
 def default_cache_dir() -> Path:
@@ -24,49 +28,82 @@ def default_cache_dir() -> Path:
 
 
 def _scan_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start, end, line number) of every non-blank line; ``end`` excludes the newline."""
+    """(start, end, line number) of every line with more than JSON whitespace; ``end`` excludes the LF.
+
+    Lines end at LF, so CRLF files work (JSON ignores the CR); a line of spaces, tabs or a lone CR
+    is blank, and a UTF-8 byte-order mark at the start of the file is skipped.
+    """
+    starts: list[np.ndarray] = []
     ends: list[np.ndarray] = []
-    offset = 0
+    filled: list[np.ndarray] = []
     with path.open("rb") as f:
-        while True:
-            block = f.read(_READ_BLOCK)
-            if not block:
-                break
-            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10) + offset
-            ends.append(newlines)
-            offset += len(block)
-    ends_arr = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
-    if offset and (ends_arr.size == 0 or ends_arr[-1] != offset - 1):
-        ends_arr = np.append(ends_arr, offset)  # last line without a trailing newline
-    starts_arr = np.concatenate([[0], ends_arr[:-1] + 1]).astype(np.int64) if ends_arr.size else ends_arr
-    lines = np.arange(1, ends_arr.size + 1, dtype=np.int64)
-    keep = ends_arr - starts_arr > 0
-    # A lone "\r" (CRLF files) counts as blank too.
-    return starts_arr[keep], ends_arr[keep].astype(np.int64), lines[keep]
+        offset = 3 if f.read(3) == _BOM else 0
+        f.seek(offset)
+        line_start, line_filled = offset, False  # the line that runs on past the last block
+        while block := f.read(_READ_BLOCK):
+            data = np.frombuffer(block, dtype=np.uint8)
+            newlines = np.flatnonzero(data == 10)
+            bounds = np.concatenate([[0], newlines + 1])
+            bounds = bounds[bounds < data.size]  # no empty piece after a final LF
+            # Per piece between LFs (the LF included): does it hold a byte that is not whitespace?
+            # Most pieces start with one ("{") or continue a line that has one; only blocks with
+            # other pieces need the full scan.
+            piece_filled = ~_JSON_SPACE[data[bounds]]
+            piece_filled[0] |= line_filled
+            if not piece_filled.all():
+                piece_filled = np.logical_or.reduceat(~_JSON_SPACE[data], bounds)
+                piece_filled[0] |= line_filled
+            if newlines.size:
+                starts.append(np.concatenate([[line_start], offset + newlines[:-1] + 1]))
+                ends.append(offset + newlines)
+                filled.append(piece_filled[: newlines.size])
+                line_start, line_filled = offset + int(newlines[-1]) + 1, False
+            if bounds.size > newlines.size:  # the block ends inside a line
+                line_filled = bool(piece_filled[-1])
+            offset += data.size
+    if line_start < offset:  # the last line has no final LF
+        starts.append(np.array([line_start]))
+        ends.append(np.array([offset]))
+        filled.append(np.array([line_filled]))
+    if not starts:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    keep = np.concatenate(filled)
+    lines = np.arange(1, keep.size + 1, dtype=np.int64)
+    return (np.concatenate(starts).astype(np.int64)[keep], np.concatenate(ends).astype(np.int64)[keep], lines[keep])
 
 
 class JsonlSource(Source):
-    """Records are the JSON objects of one or more ``.jsonl`` files (path, glob or list).
+    """Records are the JSON objects of one or more JSON Lines files: a path, a glob, a folder or a list.
 
-    Text is the string field ``text_key`` unless a ``transform`` is given. The byte-offset index
-    is built once per file, cached under ``cache_dir`` (default: ``default_cache_dir()``) and
-    rebuilt when the file's size or modification time changes; ``rebuilt_indexes`` counts the
-    files indexed by this instance. Blank lines are not records. A line that is not valid JSON,
-    not an object, or lacks a string ``text_key`` is malformed (error names file and line).
+    A folder stands for its ``*.jsonl`` files, recursively (see ``expand_paths``). Files must be
+    uncompressed UTF-8 (a ``.gz`` file is refused: random access needs byte offsets); LF or CRLF
+    line ends. Text is the string field ``text_field`` unless a ``transform`` is given. The
+    byte-offset index is built once per file, cached under ``cache_dir`` (default:
+    ``default_cache_dir()``) and rebuilt when the file's size or modification time changes;
+    ``rebuilt_indexes`` counts the files indexed by this instance. Blank lines (whitespace only)
+    are not records. A line that is not valid JSON or not an object is malformed; one without a
+    string ``text_field`` raises ``FieldError`` listing the fields it has (errors name file and line).
     """
+
+    folder_patterns = ("*.jsonl",)
 
     def __init__(
         self,
         name: str,
         paths: str | Path | Sequence[str | Path],
         *,
-        text_key: str = "text",
+        text_field: str = "text",
         cache_dir: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(name, **kwargs)
-        self.paths = expand_paths(name, paths)
-        self.text_key = text_key
+        self.paths = expand_paths(name, paths, self.folder_patterns)
+        compressed = [p for p in self.paths if p.suffix in (".gz", ".bz2", ".xz", ".zst")]
+        if compressed:
+            raise DataError(f"source '{name}': file '{compressed[0]}' is compressed; JsonlSource reads "
+                            "uncompressed files only (random access needs byte offsets): decompress it")
+        self.text_field = text_field
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.rebuilt_indexes = 0
         parts = [self._index(path) for path in self.paths]
@@ -82,8 +119,6 @@ class JsonlSource(Source):
     def _index(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
             stat = path.stat()
-            if path.is_dir():
-                raise IsADirectoryError(21, "Is a directory")
             with path.open("rb"):
                 pass
         except OSError as exc:
@@ -147,9 +182,13 @@ class JsonlSource(Source):
         return record
 
     def default_text(self, record: Record) -> Any:
-        value = record.get(self.text_key)
+        if self.text_field not in record:
+            names = list(record)
+            listed = ", ".join(names[:_MAX_LISTED_FIELDS]) + (", ..." if len(names) > _MAX_LISTED_FIELDS else "")
+            raise FieldError(f"no field '{self.text_field}' (fields: {listed or 'none'})")
+        value = record[self.text_field]
         if not isinstance(value, str):
-            raise MalformedRecord(f"no string field '{self.text_key}'")
+            raise FieldError(f"field '{self.text_field}' is {type(value).__name__}, not a string")
         return value
 
     def where(self, index: int) -> str:

@@ -24,10 +24,16 @@ class Loader:
 
     * ``input_ids``, ``labels``, ``position_ids``: int64 ``[B, T]`` with ``B = rows per rank``,
       ``T = seq_len``. ``labels[b, t]`` is the target of ``input_ids[b, t]`` (already shifted);
-      -100 at padding and at the last token of a document. ``position_ids`` restart at 0 at every
-      document piece (and at padding), so attention stays inside documents.
-    * ``cu_seqlens``: int32 boundaries of the pieces (padding tails count as their own segment)
-      over the flattened ``B*T`` tokens, flash-attention style; ``max_seqlen``: the longest one.
+      -100 at padding and at the last token of a document (with ``plan.eos``, documents end in
+      the EOS token: the label of the token before it is the EOS id). ``position_ids`` are each
+      token's position in its document: 0 where a document begins, and a piece of a document
+      split across rows continues where the previous piece ended (so they can exceed ``T``);
+      padding counts from 0.
+    * ``segment_ids``: int32 ``[B, T]``, the index of each token's piece (padding tails count
+      as their own) in batch order. Attention belongs inside a piece: a continued piece cannot
+      see the previous row, and positions alone cannot always tell pieces apart.
+    * ``cu_seqlens``: int32 boundaries of the same pieces over the flattened ``B*T`` tokens,
+      flash-attention style; ``max_seqlen``: the longest one.
     * ``tokens_per_source``: non-padding tokens per source name; ``padding_ratio`` in [0, 1].
     * ``documents``: ``(source, epoch, record, token_offset, length)`` per piece, in row order.
     * ``step``: the step this batch belongs to.
@@ -113,7 +119,7 @@ class Loader:
         else:
             self.backend.start(
                 self.plan.sources,
-                self.plan.tokenizer,
+                self.plan.document_tokenizer,
                 self.plan.seed,
                 {n: s["position"] for n, s in state["sources"].items()},
             )

@@ -10,7 +10,7 @@ from thruput.data.balance import CostModel
 from thruput.data.errors import DataError
 from thruput.data.mixture import normalized_weights, quotas, weight_at
 from thruput.data.sources import Source
-from thruput.data.tokenize import ByteTokenizer, Tokenizer
+from thruput.data.tokenize import ByteTokenizer, DocumentTokenizer, Tokenizer
 
 BALANCE_STRATEGIES = ("lpt", "none")
 BACKENDS = ("auto", "process", "inline", "ray")
@@ -29,6 +29,12 @@ class Plan:
     * ``balance``: ``"lpt"`` assigns work to ranks minimising the largest ``cost``; ``"none"``
       gives each rank a contiguous share.
     * ``world_size`` and ``seed``.
+    * ``tokenizer`` (default ``ByteTokenizer``) and ``eos``: append the tokenizer's EOS token to
+      every non-empty document (pre-tokenized ones too), so the model learns to predict where a
+      document ends: its label at a document's last token is the EOS, at the EOS itself -100.
+      ``None`` (the default): when the tokenizer has one (``eos_id``; ``ByteTokenizer`` has none);
+      ``True``: required (``DataError`` without one); ``False``: never. ``document_tokenizer``
+      is what the source loaders run.
     * ``backend``: who reads the sources, unless the ``Loader`` is told otherwise: ``"auto"``
       (``"process"`` for one rank, ``"ray"`` for several or when a Ray address is given),
       ``"process"``, ``"inline"`` or ``"ray"``. It never changes which tokens a step gets.
@@ -48,6 +54,8 @@ class Plan:
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
     weights: Callable[[int], Mapping[str, float]] | None = None
     backend: str = "auto"
+    eos: bool | None = None
+    document_tokenizer: DocumentTokenizer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.sources = list(self.sources)
@@ -64,6 +72,12 @@ class Plan:
             raise DataError(f"plan: balance must be one of {BALANCE_STRATEGIES}, got {self.balance!r}")
         if self.backend not in BACKENDS:
             raise DataError(f"plan: backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.eos not in (None, True, False):
+            raise DataError(f"plan: eos must be True, False or None, got {self.eos!r}")
+        eos_id = getattr(self.tokenizer, "eos_id", None)
+        if self.eos and eos_id is None:
+            raise DataError(f"plan: eos=True, but the tokenizer ({type(self.tokenizer).__name__}) has no EOS token")
+        self.document_tokenizer = DocumentTokenizer(self.tokenizer, None if self.eos is False else eos_id)
         if not self.sources:
             raise DataError("plan: no sources")
         names = [s.name for s in self.sources]
@@ -77,6 +91,11 @@ class Plan:
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.sources]
+
+    @property
+    def eos_id(self) -> int | None:
+        """The token appended to every document, or None."""
+        return self.document_tokenizer.eos_id
 
     @property
     def rows_per_step(self) -> int:

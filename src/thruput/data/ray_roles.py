@@ -174,7 +174,7 @@ class Planner:
         if name in host.held:
             return None
         host.held.add(name)
-        return host.actor.adopt.remote(self.sources[name], self.plan.tokenizer, self.plan.seed)
+        return host.actor.adopt.remote(self.sources[name], self.plan.document_tokenizer, self.plan.seed)
 
     def _host_of(self, key: int) -> _Host | None:
         return next((h for h in self.hosts if key in h.slots), None)

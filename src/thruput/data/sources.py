@@ -27,13 +27,24 @@ class MalformedRecord(DataError):
     """A record that cannot be turned into text; skippable with ``on_error="skip"``."""
 
 
+class FieldError(MalformedRecord):
+    """The text field is missing or not a string; the message lists the fields that are there.
+
+    Its own class because it usually means a wrong ``text_field``, not a bad record: the run's
+    config check reports it under that key.
+    """
+
+
 class Source:
     """Base class: subclasses implement ``__len__``, ``read`` and ``where``.
 
+    ``folder_patterns``: the file names a folder given as a path stands for (see ``expand_paths``).
     ``weight`` is a float or a ``step -> float`` callable (schedule). ``block_sizes()`` tells the
     shuffler which records are cheap to read together (e.g. parquet row groups): the epoch order
     shuffles blocks, then records within each block.
     """
+
+    folder_patterns: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -85,7 +96,7 @@ class Source:
         except MalformedRecord as exc:
             if str(exc).startswith(f"source '{self.name}'"):
                 raise
-            raise MalformedRecord(f"source '{self.name}': {self.where(index)}: {exc}") from exc
+            raise type(exc)(f"source '{self.name}': {self.where(index)}: {exc}") from exc
         except DataError:
             raise
         except Exception as exc:
@@ -133,36 +144,54 @@ class MemorySource(Source):
         return "in-memory, no records"
 
 
-def expand_paths(name: str, paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    """Expand a path, glob pattern or list of them into sorted existing paths.
+def expand_paths(name: str, paths: str | Path | Sequence[str | Path], patterns: Sequence[str]) -> list[Path]:
+    """Expand a path, glob pattern or folder (or a list of them) into existing files, in order.
 
-    Raises ``DataError`` naming the source and the path when a plain path does not exist or a
-    pattern matches nothing.
+    A glob (``**`` recursive) stands for the files it matches, sorted (folders it matches are left
+    out). A folder stands for every file under it, recursively, whose name matches one of
+    ``patterns`` (e.g. ``("*.jsonl",)``), sorted by path; names starting with ``.`` (hidden files
+    and folders) are left out. Raises ``DataError`` naming the source and the path when a plain
+    path does not exist, or a glob or folder yields no file.
     """
     items = [paths] if isinstance(paths, (str, Path)) else list(paths)
     out: list[Path] = []
     for item in items:
         text = str(item)
         if _glob.has_magic(text):
-            matches = sorted(_glob.glob(text, recursive=True))
+            matches = sorted(Path(m) for m in _glob.glob(text, recursive=True) if Path(m).is_file())
             if not matches:
                 raise DataError(f"source '{name}': no files match '{text}'")
-            out.extend(Path(m) for m in matches)
-        else:
-            path = Path(text)
-            if not path.exists():
-                raise DataError(f"source '{name}': file '{path}' does not exist")
+            out.extend(matches)
+            continue
+        path = Path(text)
+        if path.is_dir():
+            if not patterns:
+                raise DataError(f"source '{name}': '{path}' is a folder; give its files or a glob")
+            found = sorted({f for pattern in patterns for f in path.rglob(pattern)
+                            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)})
+            if not found:
+                wanted = " or ".join(patterns)
+                raise DataError(f"source '{name}': folder '{path}' holds no files named {wanted} "
+                                "(searched recursively)")
+            out.extend(found)
+        elif path.exists():
             out.append(path)
+        else:
+            raise DataError(f"source '{name}': no such file or folder '{path}'")
     if not out:
         raise DataError(f"source '{name}': no files given")
     return out
 
 
 class TextFilesSource(Source):
-    """One document per file, from a glob pattern (``**`` recursive) or a list of paths.
+    """One document per file: a path, a glob pattern (``**`` recursive), a folder or a list of them.
 
-    Files are decoded as UTF-8 (``encoding``); a file that does not decode is a malformed record.
+    A folder stands for its ``*.txt`` and ``*.md`` files, recursively (a glob picks other kinds:
+    ``"src/**/*.py"``). Files are decoded as UTF-8 (``encoding``); a file that does not decode is
+    a malformed record.
     """
+
+    folder_patterns = ("*.txt", "*.md")
 
     def __init__(
         self,
@@ -173,7 +202,7 @@ class TextFilesSource(Source):
         **kwargs: Any,
     ) -> None:
         super().__init__(name, **kwargs)
-        self.paths = [p for p in expand_paths(name, paths) if not p.is_dir()]
+        self.paths = expand_paths(name, paths, self.folder_patterns)
         self.encoding = encoding
 
     def __len__(self) -> int:

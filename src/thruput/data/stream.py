@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from thruput.data.sources import MalformedRecord, Source
-from thruput.data.tokenize import Tokenizer
+from thruput.data.tokenize import DocumentTokenizer, Tokenizer
 
 
 def epoch_order(block_sizes: np.ndarray, seed: int, name: str, epoch: int) -> np.ndarray:
@@ -71,9 +71,13 @@ class Chunk:
 def tokenize_chunk(source: Source, tokenizer: Tokenizer, order: StreamOrder, start: int, count: int) -> Chunk:
     """Read, filter, transform and tokenize stream positions ``[start, start + count)``.
 
+    ``tokenizer``: the plan's ``document_tokenizer`` (it appends the EOS when the plan has one);
+    any other tokenizer is used as it is, without an EOS.
+
     Raises the source's ``MalformedRecord`` unless ``source.on_error == "skip"``.
     """
     t0 = time.process_time()
+    documents = tokenizer if isinstance(tokenizer, DocumentTokenizer) else DocumentTokenizer(tokenizer, None)
     records = np.array([order.record(k) for k in range(start, start + count)], dtype=np.int64)
     arrays: list[np.ndarray] = []
     skipped = np.zeros(count, dtype=bool)
@@ -88,7 +92,7 @@ def tokenize_chunk(source: Source, tokenizer: Tokenizer, order: StreamOrder, sta
             continue
         if text is None:
             continue
-        ids = tokenizer.encode(text) if isinstance(text, str) else np.asarray(text, dtype=np.int32)
+        ids = documents(text)
         arrays.append(ids)
         lengths[i] = ids.size
     tokens = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, np.int32)

@@ -3,7 +3,7 @@
 Variable sequence lengths make torch.compile recompile (or fall back to slower dynamic-shape
 kernels). Padding each batch up to the next of a few fixed lengths bounds the number of graphs
 by the number of buckets; the padded positions are kept out of the loss by label
-``ignore_index`` and out of attention by position ids that start a new document.
+``ignore_index`` and out of attention by position (and segment) ids that start a new document.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from torch._dynamo.utils import counters
 
 PadValue = int | float | str  # a fill value, or "arange" for position ids
 
-DEFAULT_PAD_VALUES: dict[str, PadValue] = {"labels": -100, "position_ids": "arange"}
+# segment_ids -1: the padded columns are a segment of their own (real ids are >= 0)
+DEFAULT_PAD_VALUES: dict[str, PadValue] = {"labels": -100, "position_ids": "arange", "segment_ids": -1}
 
 
 def _check_buckets(name: str, buckets: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -92,9 +93,10 @@ class BucketedCompiled:
     Every tensor argument whose leading dims are ``(B, T)`` is padded to ``(B', T')``: ``T'`` is
     the smallest of ``buckets`` >= T, ``B'`` likewise from ``batch_buckets`` (B is kept when that
     is None). Padding uses ``pad_values[name]`` for the argument called ``name`` (default
-    ``labels=-100``, ``position_ids="arange"``, anything else 0). Tensor outputs whose leading
-    dims are ``(B', T')`` are sliced back to ``(B, T)``; other outputs (a loss) pass unchanged, so
-    a loss function that uses ``ignore_index=-100`` returns exactly the unpadded loss.
+    ``labels=-100``, ``position_ids="arange"``, ``segment_ids=-1``, anything else 0). Tensor
+    outputs whose leading dims are ``(B', T')`` are sliced back to ``(B, T)``; other outputs (a
+    loss) pass unchanged, so a loss function that uses ``ignore_index=-100`` returns exactly the
+    unpadded loss.
 
     The wrapped function must be causal in T and independent per row for the sliced outputs to
     equal the unpadded ones (a decoder LM is; the padded rows and columns only add work).

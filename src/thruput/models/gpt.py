@@ -1,9 +1,11 @@
 """A small decoder-only GPT: RMSNorm, rotary embeddings, SDPA attention, MLP.
 
-It accepts packed rows: ``position_ids`` that restart at 0 mark where a document begins, and
-attention is then confined to each document, at a cost that follows the documents' lengths
-(``thruput.models.segments``). Without ``position_ids`` a row is one causal sequence and SDPA's
-fused causal path is used.
+It accepts packed rows: ``segment_ids`` (or, without them, ``position_ids`` that do not continue
+the previous token's) mark where a document begins, and attention is then confined to each
+document, at a cost that follows the documents' lengths (``thruput.models.segments``).
+``position_ids`` only set the rotary positions; rotary attention depends on position differences
+alone, so a piece that continues its document's positions attends as it would from 0 (up to
+rounding). Without either a row is one causal sequence and SDPA's fused causal path is used.
 """
 from __future__ import annotations
 
@@ -116,7 +118,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer.
 
-    ``model(input_ids, position_ids)`` returns logits [B, T, vocab]; ``model.hidden(...)``
+    ``model(input_ids, position_ids, segment_ids)`` returns logits [B, T, vocab] (``position_ids``
+    and ``segment_ids``: int [B, T], optional, see ``thruput.models.segments.document_starts``;
+    positions default to 0..T-1 per row); ``model.hidden(...)``
     returns the final normed hidden states [B, T, d_model] so a fused loss can apply
     ``model.lm_head`` itself without materialising the logits.
     """
@@ -141,28 +145,28 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02)
 
-    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final normed hidden states [B, T, d_model]."""
         b, t = input_ids.shape
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} exceeds max_seq_len {self.cfg.max_seq_len}")
-        if position_ids is None:
-            segments = None
-            positions = torch.arange(t, device=input_ids.device).expand(b, t)
-        else:
-            if position_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
-                )
-            segments, positions = Segments.from_position_ids(position_ids), position_ids
+        for name, ids in (("position_ids", position_ids), ("segment_ids", segment_ids)):
+            if ids is not None and ids.shape != input_ids.shape:
+                raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        positions = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids
+        segments = None
+        if position_ids is not None or segment_ids is not None:
+            segments = Segments.from_ids(position_ids, segment_ids)
         cos, sin = rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, segments)
         return self.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden(input_ids, position_ids))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden(input_ids, position_ids, segment_ids))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the token embedding (a lookup, not a matmul)."""

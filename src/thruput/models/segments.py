@@ -19,21 +19,36 @@ import torch.nn.functional as F
 _MIN_GROUP = 16
 
 
-def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, T]: True where a document begins, i.e. where a position does not continue the
-    previous one (a row that begins mid-document, positions 57, 58, ..., is one document)."""
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+def document_starts(position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Boolean [B, T]: True where a document (or a piece of one) begins, and at every row's start.
+
+    With ``segment_ids`` (the data plane's batches carry them): where the id changes. Without:
+    where a position does not continue the previous one (the convention of padding-free packing,
+    e.g. transformers' ``DataCollatorWithFlattening``; a row that begins mid-document, positions
+    57, 58, ..., is one document). Positions cannot tell two pieces apart when the second
+    continues a document at the position where the first ended, so a batch whose pieces continue
+    their documents' positions needs ``segment_ids``.
+    """
+    ids = segment_ids if segment_ids is not None else position_ids
+    if ids is None:
+        raise ValueError("document_starts needs position_ids or segment_ids")
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    if segment_ids is not None:
+        starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    else:
+        starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
     return starts
 
 
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, T, T] mask: causal, and only within the same document (the reference that
-    ``segment_attention`` equals)."""
-    doc = document_starts(position_ids).cumsum(dim=1)
+def document_mask(starts: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, T, T] mask from ``document_starts``: causal, and only within the same
+    document (the reference that ``segment_attention`` equals)."""
+    if starts.dtype != torch.bool:
+        raise TypeError(f"document_mask takes the boolean document_starts(...), got a {starts.dtype} tensor")
+    doc = starts.cumsum(dim=1)
     same_doc = doc[:, :, None] == doc[:, None, :]
-    t = position_ids.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    t = starts.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=starts.device).tril()
     return (same_doc & causal)[:, None]
 
 
@@ -58,9 +73,11 @@ class Segments:
 
     @classmethod
     @torch.compiler.disable  # nonzero/unique: data-dependent shapes, computed eagerly
-    def from_position_ids(cls, position_ids: torch.Tensor) -> Segments:
-        b, t = position_ids.shape
-        starts = document_starts(position_ids).flatten().nonzero().squeeze(1)
+    def from_ids(cls, position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> Segments:
+        """The documents that ``document_starts(position_ids, segment_ids)`` finds."""
+        found = document_starts(position_ids, segment_ids)
+        b, t = found.shape
+        starts = found.flatten().nonzero().squeeze(1)
         lengths = torch.diff(starts, append=torch.tensor([b * t], device=starts.device))
         padded = _padded_length(lengths)
         groups = []

@@ -1,0 +1,110 @@
+"""The config's data section: tokenizer, EOS, and a wrong path or field caught before training."""
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import thruput.train as train_module
+from thruput.config import ConfigError, from_dict
+from thruput.data_config import check_data
+from thruput.train import build_loader, train
+
+WORDS = ["some words to learn merges from, again and again"] * 30
+
+
+@pytest.fixture
+def data(tmp_path):
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / "x.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 2, "id": i}) + "\n" for i in range(20)))
+    pq.write_table(pa.table({"body": [f"row {i} " * 7 for i in range(20)]}), tmp_path / "books.parquet")
+    return tmp_path
+
+
+def _cfg(data, *sources, **data_keys):
+    sources = sources or ({"name": "web", "kind": "jsonl", "path": str(data / "web")},)
+    return from_dict({"steps": 2, "model": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+                      "data": {"seq_len": 32, "batch_size": 2, **data_keys, "sources": list(sources)},
+                      "optimizer": {"warmup_steps": 1}, "profile": {"enabled": False}})
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"name": "web", "kind": "jsonl", "path": "{data}/web", "text_field": "content"},
+     r"^data.sources\[1\].text_field: source 'web': file '.*x.jsonl' line 1: no field 'content' \(fields: text, id\)$"),
+    ({"name": "web", "kind": "jsonl", "path": "{data}/web/*.json"}, r"^data.sources\[1\].path: source 'web': no files match"),
+    ({"name": "web", "kind": "jsonl", "path": "{data}/nope"}, r"^data.sources\[1\].path: source 'web': no such file or folder"),
+    ({"name": "web", "kind": "text", "path": "{data}/web"}, r"^data.sources\[1\].path: .* holds no files named \*.txt or \*.md"),
+    ({"name": "books", "kind": "parquet", "path": "{data}/books.parquet"},
+     r"^data.sources\[1\].text_field: source 'books': file .* has no column 'text' \(columns: body\)$"),
+])
+def test_wrong_path_or_field_is_a_config_error_naming_the_key(data, source, message):
+    good = {"name": "ok", "kind": "parquet", "path": str(data / "books.parquet"), "text_field": "body"}
+    source = {k: v.format(data=data) for k, v in source.items()}
+    with pytest.raises(ConfigError, match=message):
+        check_data(_cfg(data, good, source))
+
+
+def test_skip_mode_tolerates_bad_records_but_not_a_field_none_has(data):
+    mixed = data / "mixed.jsonl"
+    mixed.write_text('{"id": 1}\n' + json.dumps({"text": "fine"}) + "\n")
+    check_data(_cfg(data, {"name": "m", "kind": "jsonl", "path": str(mixed)}, on_error="skip"))
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].text_field: .* line 1: no field 'text'"):
+        check_data(_cfg(data, {"name": "m", "kind": "jsonl", "path": str(mixed)}))
+    with pytest.raises(ConfigError, match=r"^data.sources\[0\].text_field: .* no field 'body' \(fields: text, id\)$"):
+        check_data(_cfg(data, {"name": "w", "kind": "jsonl", "path": str(data / "web"), "text_field": "body"},
+                        on_error="skip"))
+
+
+def test_vocab_size_below_the_tokenizer_and_bad_tokenizer_are_config_errors(data, bpe):
+    tok = bpe(data / "tok", WORDS, vocab_size=300)
+    n = tok.get_vocab_size(with_added_tokens=True)
+    with pytest.raises(ConfigError, match=rf"^model.vocab_size: 256 is smaller than the tokenizer's vocabulary \({n} tokens"):
+        check_data(_cfg(data, tokenizer=str(data / "tok")))
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: tokenizer file '.*nowhere' does not exist$"):
+        check_data(_cfg(data, tokenizer=str(data / "nowhere")))
+    with pytest.raises(ConfigError, match=r"^data.eos: true, but the tokenizer \(bytes\) has no EOS token$"):
+        check_data(_cfg(data, eos=True))
+
+
+def test_train_refuses_a_bad_config_before_building_the_model_or_workers(data, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("started although the config is wrong")
+
+    monkeypatch.setattr(train_module, "build_model", never)
+    cfg = _cfg(data, {"name": "web", "kind": "jsonl", "path": str(data / "web"), "text_field": "content"})
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].text_field"):
+        train(cfg, loader_factory=never)
+
+
+def test_train_with_a_tokenizer_folder_eos_and_a_schedule(data, bpe):
+    tok = bpe(data / "tok", WORDS)
+    eos = tok.token_to_id("<|endoftext|>")
+    sources = ({"name": "web", "kind": "jsonl", "path": str(data / "web"),
+                "weight": {"schedule": "linear", "start": 1.0, "end": 0.0, "steps": 4}},
+               {"name": "books", "kind": "parquet", "path": str(data), "text_field": "body", "weight": 0.5})
+    cfg = _cfg(data, *sources, tokenizer=str(data / "tok"))
+    cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    loader = build_loader(cfg, 0, 1)
+    try:
+        assert loader.plan.eos_id == eos and loader.plan.tokenizer.path == data / "tok" / "tokenizer.json"
+        assert loader.plan.weights_at(2).tolist() == [0.5, 0.5]  # linear at step 2 of 4, and 0.5
+        batch = next(loader)
+        assert (batch["input_ids"] == eos).any() and (batch["labels"] == eos).any()
+    finally:
+        loader.close()
+    assert len(train(cfg).losses) == 2
+
+
+def test_cli_prints_a_bad_data_config_as_one_line(data, capsys):
+    from thruput.cli import main
+
+    path = data / "run.toml"
+    path.write_text(f'steps = 2\n[[data.sources]]\nname = "web"\nkind = "jsonl"\npath = "{data / "web"}"\n'
+                    'text_field = "content"\n')
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("thruput train: bad config: data.sources[0].text_field: source 'web': file ")
+    assert err.endswith("line 1: no field 'content' (fields: text, id)") and "\n" not in err
