@@ -4,8 +4,10 @@
 the two moments, and writes the master, the moments and (optionally) the training-dtype copy of
 the parameter, all in one pass. Two implementations compute the same thing:
 
-* ``"cpp"``: a C++ extension (``csrc/adam.cpp``), JIT-built once with torch.utils.cpp_extension
-  and cached in the torch extensions directory; vectorised and multi-threaded.
+* ``"cpp"``: a C++ extension (``csrc/adam.cpp``), JIT-built on first use and cached in the torch
+  extensions directory in a folder keyed by the source, torch build, flags and CPU, so every
+  virtual environment on a machine shares one build (:mod:`thruput.memory.ext_build`);
+  vectorised and multi-threaded.
 * ``"torch"``: a pure-torch fallback (``_adam_torch.py``), used when there is no compiler (with a
   warning).
 
@@ -48,6 +50,7 @@ from torch import Tensor
 
 from thruput.memory._adam_torch import (BLOCK, decode_m, decode_v, encode_m, encode_v, fmix32, n_blocks,
                                         sqrt_exact, torch_step)
+from thruput.memory.ext_build import load_extension
 
 __all__ = ["STATE_DTYPES", "AdamState", "adamw_step", "kernel_available", "kernel_build_error"]
 
@@ -342,18 +345,14 @@ def kernel_build_error() -> str | None:
     return _build_error
 
 
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
 def _build():
     if not _CSRC.exists():
         raise FileNotFoundError(f"C++ source {_CSRC} is missing")
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load(
-        name="thruput_cpu_adam",
-        sources=[str(_CSRC)],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    return load_extension("thruput_cpu_adam", _CSRC, _CFLAGS, _LDFLAGS)
 
 
 def _warn_fallback_once() -> None:
