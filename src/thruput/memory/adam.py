@@ -136,6 +136,17 @@ class AdamState:
         qv, sv = encode_v(sqrt_exact(v), half, phase)
         return cls("int8", m.numel(), qm, qv, sm, sv, phase)
 
+    def slice(self, start: int, end: int) -> AdamState:
+        """The moments of elements ``[start, end)``, sharing memory (updates to it land here).
+
+        Raises ValueError for an 8-bit state unless the range is all of it: its blocks share
+        scales across the cut."""
+        if (start, end) == (0, self.numel):
+            return self
+        if self.state_dtype == "int8":
+            raise ValueError("AdamState.slice: 8-bit states cannot be cut (blocks share scales)")
+        return AdamState(self.state_dtype, end - start, self.exp_avg[start:end], self.exp_avg_sq[start:end])
+
     def state_dict(self) -> dict[str, Tensor | str | int]:
         """Plain data: ``state_dtype``, ``numel`` and the tensors (scales only for int8)."""
         sd: dict[str, Tensor | str | int] = {"state_dtype": self.state_dtype, "numel": self.numel,

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from thruput.memory.adam import STATE_DTYPES, adamw_step, kernel_available
-from thruput.memory.offload_buckets import (GradientStream, Segment, allocate, allocated_bytes, build_segments,
-                                            check_host_memory, check_params, copy_to_params, grad_sq_sum)
+from thruput.memory.offload_buckets import (Segment, allocate, allocated_bytes, build_segments, check_host_memory,
+                                            check_params, copy_to_params, grad_sq_sum)
 from thruput.memory.offload_state import export_state, import_state
+from thruput.memory.offload_stream import GradientStream
 
 __all__ = ["OffloadAdamW", "Segment"]  # Segment: for ZeRO-2 (shard.py)
 
@@ -101,7 +102,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         check_host_memory(self.segments, self.state_dtype, self._needs_grad_stage(), _available_host_bytes())
         for seg in self.segments:
             self._allocate(seg)
-        self._grads = GradientStream(self.segments, self.device, self._side, self._join_background)
+        self._grads = self._grad_stream()
         self._handles = self._install_grad_path()
 
     # --- construction ----------------------------------------------------------------------
@@ -131,21 +132,32 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # --- gradients: device -> host ---------------------------------------------------------
 
+    def _grad_stream(self) -> GradientStream:
+        """Where gradients go and what ``p.grad`` holds (ZeRO-2 overrides)."""
+        return GradientStream(self.segments, self.device, self._side, self._join_background, self._on_grad_change)
+
     def _install_grad_path(self) -> list[Any]:
         """Hooks that stream gradients to the host (ZeRO-2 overrides: reduce-scatter instead)."""
         return self._grads.install()
 
     def _gather_grads(self) -> None:
-        """Bring every gradient of this step into the fp32 host buffers; zero the missing ones."""
+        """Bring every gradient of this step into the fp32 host buffers; mark the missing ones."""
         self._grads.gather()
 
+    def _on_grad_change(self) -> None:
+        """A gradient is about to change or be read: a pending clip coefficient of
+        :meth:`clip_grad_norm_` is applied to the buffers first (the clipped gradients are what
+        ``p.grad`` holds from then on, and a later backward adds to them, as with torch)."""
+        coef, self._clip_coef, self._sq_sum = self._clip_coef, None, None
+        if coef is not None and coef != 1.0:
+            for seg in self.segments:
+                seg.grad.mul_(coef)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Start a new accumulation: the next gradient of every parameter overwrites the host
-        buffer (no memset). Device gradients are already freed by the hooks."""
-        self._grads.restart()
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        """``torch.optim.Optimizer.zero_grad``: ``p.grad = None`` (the next backward's gradient
+        overwrites the host buffer, no memset) or, with ``set_to_none=False``, zero."""
+        self._clip_coef = self._sq_sum = None
+        super().zero_grad(set_to_none)
 
     # --- clipping and loss scaling ---------------------------------------------------------
 
@@ -166,7 +178,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         return self._reduce_sum(grad_sq_sum(self.segments))
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Clip the accumulated gradients to global L2 norm ``max_norm`` at the next step.
+        """Clip the accumulated gradients to global L2 norm ``max_norm``, in one pass: the
+        coefficient is folded into the next update (or into the buffers, should ``p.grad`` be
+        used or added to first). ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``
+        gives the same result with a pass more.
 
         Returns the total norm of the unscaled gradients (before clipping), as a tensor, like
         ``torch.nn.utils.clip_grad_norm_``. Inf/NaN norms are returned as they are; with loss
@@ -175,6 +190,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self._prepare_grads()
+        self._on_grad_change()  # an earlier call's coefficient applies first
         self._sq_sum = self._grad_sq_sum()
         norm = self._sq_sum**0.5 / self.loss_scale
         coef = max_norm / (norm + 1e-6)
@@ -274,12 +290,21 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _update(self, seg: Segment, grad_scale: float, groups: list[dict[str, Any]] | None = None) -> None:
         group = (self.param_groups if groups is None else groups)[seg.group]
         seg.wait_copy_out()
-        seg.step += 1
         beta1, beta2 = group["betas"]
-        adamw_step(seg.master, seg.grad, seg.state, seg.param_out, step=seg.step, lr=float(group["lr"]),
-                   beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                   weight_decay=float(group["weight_decay"]), grad_scale=grad_scale, impl=self.impl,
-                   index_offset=seg.index_offset)
+        if self.state_dtype == "int8":  # blocks share scales across pieces: the segment steps whole
+            seg.skip = [False] * len(seg.pieces)
+            seg.steps = [max(seg.steps)] * len(seg.pieces)
+        for start, end, steps in seg.runs():
+            out = None if seg.param_out is None else seg.param_out[start:end]
+            adamw_step(seg.master[start:end], seg.grad[start:end], seg.state.slice(start, end), out,
+                       step=steps + 1, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                       eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                       grad_scale=grad_scale, impl=self.impl, index_offset=seg.index_offset + start)
+        for i, skipped in enumerate(seg.skip):
+            if not skipped:
+                seg.steps[i] += 1
+            elif seg.param_out is not None:  # the kernel did not write it; the copy back reads it
+                seg.param_out[seg.span(i)].copy_(seg.master[seg.span(i)])
 
     def _background_update(self, grad_scale: float, groups: list[dict[str, Any]]) -> None:
         # A new thread's current CUDA device is 0: its event waits and frees must not create a
@@ -376,7 +401,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             self.skipped_steps = int(extra["skipped_steps"])
             self._steps_done = int(extra["steps_done"])
         else:
-            self._steps_done = max((s.step for s in self.segments), default=0)
+            self._steps_done = max((max(s.steps) for s in self.segments), default=0)
         self.zero_grad()
 
     def remove_hooks(self) -> None:
