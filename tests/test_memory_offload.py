@@ -301,7 +301,7 @@ def test_fp16_dynamic_loss_scale_skips_overflow_and_unscales():
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     # a good step divides the scaled gradients by the scale before the update
     scale = 2.0**6
-    opt._scale = scale
+    opt._scaler.value = scale
     opt.scale_loss(model(x.half()).float().pow(2).mean()).backward()
     ref.bias.grad = opt.segments[0].grad[:4].clone() / scale
     ref.weight.grad = opt.segments[0].grad[4:].view(4, 8).clone() / scale

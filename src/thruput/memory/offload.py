@@ -20,6 +20,7 @@ from torch import Tensor
 from thruput.memory.adam import STATE_DTYPES, adamw_step, kernel_available
 from thruput.memory.offload_buckets import (Segment, allocate, allocated_bytes, build_segments, check_host_memory,
                                             check_params, copy_to_params, grad_sq_sum)
+from thruput.memory.offload_scale import LossScale
 from thruput.memory.offload_state import export_state, import_state
 from thruput.memory.offload_stream import GradientStream
 
@@ -48,11 +49,15 @@ class OffloadAdamW(torch.optim.Optimizer):
       hold inf/NaN is skipped (:attr:`last_step_skipped`).
     * ``bucket_mb``: host bucket size; ``impl``: the CPU kernel (see ``adamw_step``).
 
-    Gradient accumulation: gradients of several backwards add up (in fp32 on the host) until
-    :meth:`zero_grad`. Clip with :meth:`clip_grad_norm_` (the model's ``p.grad`` are ``None``
-    after backward, so ``torch.nn.utils.clip_grad_norm_`` sees nothing). A trainable parameter
-    that got no gradient is stepped with a zero gradient (its moments still decay), unlike
-    torch.optim.AdamW, which skips it. Frozen parameters are left alone.
+    ``p.grad`` is what torch.optim.AdamW would see: after backward it holds a
+    :class:`~thruput.memory.offload_grad.HostGrad` standing for the fp32 host gradient (no
+    device memory), so ``model.zero_grad()`` (with or without ``set_to_none``), accumulation
+    over backwards (until anyone zeroes), ``torch.nn.utils.clip_grad_norm_``,
+    ``torch.amp.GradScaler`` and any other use of ``p.grad`` work as with torch. The one-pass
+    :meth:`clip_grad_norm_` and ``loss_scale`` below save a pass each. A parameter whose
+    ``p.grad`` is None at ``step()`` is skipped like torch does (with ``state_dtype="int8"``,
+    whose blocks span parameters, it is stepped with a zero gradient). Frozen parameters are
+    left alone.
 
     ``state_dict()`` is torch.optim.AdamW's format (plus the fp32 ``master``; see
     :mod:`thruput.memory.offload_state`): it loads into a run with torch AdamW, and back.
@@ -72,20 +77,12 @@ class OffloadAdamW(torch.optim.Optimizer):
             raise ValueError(f"delayed_update_after must be >= 0 or None, got {delayed_update_after}")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
-        if not (loss_scale is None or loss_scale == "dynamic"
-                or (isinstance(loss_scale, (int, float)) and loss_scale > 0)):
-            raise ValueError(f"loss_scale must be None, 'dynamic' or a positive number, got {loss_scale!r}")
+        self._scaler = LossScale(loss_scale, growth_interval)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
         self.delayed_update_after = delayed_update_after
         self.impl = impl
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self._dynamic = loss_scale == "dynamic"
-        self._scale = 2.0**16 if self._dynamic else (None if loss_scale is None else float(loss_scale))
-        self.growth_interval = growth_interval
-        self._good_steps = 0
-        self.skipped_steps = 0
-        self.last_step_skipped = False
         self.last_timings: dict[str, float] = {}
         self._timings = {"d2h": 0.0, "cpu_step": 0.0, "h2d": 0.0}
         self._clip_coef: float | None = None
@@ -164,7 +161,16 @@ class OffloadAdamW(torch.optim.Optimizer):
     @property
     def loss_scale(self) -> float:
         """The factor the loss must be multiplied by before backward (1.0 without scaling)."""
-        return 1.0 if self._scale is None else self._scale
+        return self._scaler.factor
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for inf/NaN gradients under loss scaling."""
+        return self._scaler.skipped_steps
+
+    @property
+    def last_step_skipped(self) -> bool:
+        return self._scaler.last_step_skipped
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss`` times :attr:`loss_scale`, to call ``backward()`` on."""
@@ -268,21 +274,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _grad_scale(self) -> float | None:
         """The divisor for this step's gradients (loss scale / clip coefficient), or None to skip."""
         scale = self.loss_scale
-        self.last_step_skipped = False
-        if self._scale is not None:
-            sq = self._grad_sq_sum() if self._sq_sum is None else self._sq_sum
-            overflow = not (sq == sq and sq != float("inf"))
-            if self._dynamic:
-                self._good_steps = 0 if overflow else self._good_steps + 1
-                if overflow:
-                    self._scale *= 0.5
-                elif self._good_steps >= self.growth_interval:
-                    self._scale *= 2.0
-                    self._good_steps = 0
-            if overflow:
-                self.skipped_steps += 1
-                self.last_step_skipped = True
-                return None
+        if not self._scaler.step_ok(lambda: self._grad_sq_sum() if self._sq_sum is None else self._sq_sum):
+            return None
         if self._clip_coef is not None and self._clip_coef > 0:
             scale /= self._clip_coef
         return scale
@@ -379,9 +372,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         """torch.optim.AdamW's format (see the class docstring); finishes a delayed update first."""
         self.flush()
         state, groups = export_state(self.param_groups, self.segments, self._grads.pieces, self._combine)
-        scaler = {"scale": self._scale, "good_steps": self._good_steps, "skipped_steps": self.skipped_steps,
-                  "steps_done": self._steps_done}
-        return {"state": state, "param_groups": groups, "offload": scaler}
+        return {"state": state, "param_groups": groups,
+                "offload": {**self._scaler.state_dict(), "steps_done": self._steps_done}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output or a torch.optim.AdamW state dict.
@@ -396,9 +388,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         import_state(self.param_groups, self.segments, self.state_dtype, state_dict)
         extra = state_dict.get("offload")
         if extra is not None:
-            self._scale = extra["scale"] if self._scale is not None else None
-            self._good_steps = int(extra["good_steps"])
-            self.skipped_steps = int(extra["skipped_steps"])
+            self._scaler.load_state_dict(extra)
             self._steps_done = int(extra["steps_done"])
         else:
             self._steps_done = max((max(s.steps) for s in self.segments), default=0)
