@@ -61,7 +61,7 @@ class HostGrad(Tensor):
 
     _source: GradSource
     _param: Tensor
-    _root: HostGrad  # the handle autograd sees in p.grad (self for it and its aliases' root)
+    _of: HostGrad | None  # the root handle (the one in p.grad) of a view or alias; None for a root
     _view_fn: Callable[[Tensor], Tensor] | None  # from the root's value to this view's
     _frozen: Tensor | None  # the snapshot of a replaced gradient (then the source is not used)
 
@@ -74,11 +74,15 @@ class HostGrad(Tensor):
                                           storage_offset=meta.storage_offset(), dtype=meta.dtype,
                                           device=param.device, requires_grad=False)
         r._source, r._param, r._view_fn, r._frozen = source, param, view_fn, None
-        r._root = r if root is None else root
+        r._of = root  # not self for a root: a cycle would keep a dropped gradient alive until gc
         r._meta = meta
         return r
 
     __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def _root(self) -> HostGrad:
+        return self if self._of is None else self._of
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         try:

@@ -45,6 +45,7 @@ class GradientStream:
             for i, (p, *_rest) in enumerate(seg.pieces):
                 self.pieces.setdefault(id(p), []).append((seg, i))
         self._handles: dict[int, weakref.ref[HostGrad]] = {}  # id(param) -> its current root handle
+        self._metas: dict[int, Tensor] = {}  # id(param) -> a meta tensor of its layout, made once
 
     def params(self) -> list[nn.Parameter]:
         """The trainable parameters, each once."""
@@ -74,7 +75,14 @@ class GradientStream:
             seg.fresh[i] = True
             seg.staged[i] = None  # an older gradient in grad_stage: overwritten by this one
             self._write(seg, i, flat)
-        handle = HostGrad(self, p)
+        self.install_handle(p)
+
+    def install_handle(self, p: Tensor) -> None:
+        """``p.grad`` becomes a new handle on ``p``'s host value."""
+        meta = self._metas.get(id(p))
+        if meta is None:
+            meta = self._metas[id(p)] = torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="meta")
+        handle = HostGrad(self, p, meta=meta)
         self._handles[id(p)] = weakref.ref(handle)
         p.grad = handle
 

@@ -124,9 +124,7 @@ class ShardStream(GradientStream):
             p.grad = handle
         for p in params if self._seen else []:
             if p.grad is None:
-                handle = HostGrad(self, p)
-                self._handles[id(p)] = weakref.ref(handle)
-                p.grad = handle
+                self.install_handle(p)
         self._parked.clear()
         self._on_top.clear()
         self._seen.clear()
