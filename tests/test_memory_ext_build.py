@@ -68,6 +68,12 @@ def test_two_processes_build_once_and_both_load(tmp_path: Path) -> None:
     assert len(count.read_text().split()) == 1  # one build, the other process waited and imported it
     assert [p.name for p in root.iterdir() if p.is_dir()] == [folder.name]
     assert (folder / "done").exists()
+    # a later load imports the library without building; a removed library is built again
+    from torch.utils.cpp_extension import LIB_EXT
+
+    assert ext_build.load_extension("tiny", source, ["-O1"], [], root=root).answer() == 42
+    (folder / f"{folder.name}{LIB_EXT}").unlink()
+    assert ext_build.load_extension("tiny", source, ["-O1"], [], root=root).answer() == 42
 
 
 def test_a_changed_source_torch_build_or_flags_get_another_folder(monkeypatch: pytest.MonkeyPatch,

@@ -117,11 +117,17 @@ def load_extension(name: str, source: Path, cflags: list[str], ldflags: list[str
     module_name = folder.name
     done = folder / "done"
     if done.exists():
-        return _import(module_name, folder)
+        try:
+            return _import(module_name, folder)
+        except (ImportError, OSError):  # the library was removed or damaged since: build again
+            pass
     folder.parent.mkdir(parents=True, exist_ok=True)
     with _Lock(folder.parent / f"{folder.name}.lock", timeout_s):
         if done.exists():  # built by the process that held the lock before us
-            return _import(module_name, folder)
+            try:
+                return _import(module_name, folder)
+            except (ImportError, OSError):
+                done.unlink()
         folder.mkdir(exist_ok=True)
         (folder / "lock").unlink(missing_ok=True)  # torch's baton, left by a build killed mid-way
         local = folder / source.name  # one path for every checkout: ninja sees the same command
