@@ -134,6 +134,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
         # a CUDA tensor), before waiting for the update so that the copy overlaps it.
         shard = shard.cpu()
         self._join_background()  # the running update reads the accumulators
+        self._on_grad_change()  # a pending clip of what is there applies first
         for seg, start in self._bucket_segments.get(bucket.index, []):
             src = shard[start:start + seg.numel]
             self._grads.mark_unseen_fresh(seg)

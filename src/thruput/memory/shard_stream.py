@@ -68,6 +68,7 @@ class ShardStream(GradientStream):
         self.pending[id(p)] = grad.detach() if held is None else held + grad
 
     def zero(self, p: Tensor) -> None:
+        self.on_change()
         self.pending.pop(id(p), None)
         for seg, i in self.pieces.get(id(p), []):
             seg.fresh[i] = True
