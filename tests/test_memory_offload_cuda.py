@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from test_memory_offload import IMPL, _batch, _gpt, _loss
-from thruput.memory import OffloadAdamW
+from thruput.memory import HostGrad, OffloadAdamW
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -25,7 +25,7 @@ def test_cuda_bf16_offload_matches_torch_adamw_on_an_fp32_master():
     assert opt.segments[0].param_out.is_pinned() and not opt.segments[0].master.is_pinned()
     for step in range(5):
         _loss(model, _batch(step).to(device)).backward()
-        assert all(p.grad is None for p in model.parameters())
+        assert all(isinstance(p.grad, HostGrad) for p in model.parameters())  # no device memory
         for m, p in zip(masters, model.parameters()):
             m.grad = captured[id(p)]
         ref_opt.step()
@@ -36,11 +36,13 @@ def test_cuda_bf16_offload_matches_torch_adamw_on_an_fp32_master():
 
 
 def _exact_gradient_run(device: str, dtype: torch.dtype, loss_scale: float | None,
-                        delayed: int | None) -> list[list[torch.Tensor]]:
+                        delayed: int | None, torch_loop: bool = False) -> list[list[torch.Tensor]]:
     """Parameters after each step of a run whose gradients are small integers that do not depend
     on the weights (independent linear layers, integer inputs): every device computes them
     exactly, so the host updates must agree bit for bit. Two micro-steps per step, clipping,
-    copies back as train.py does them."""
+    copies back as train.py does them; with ``torch_loop`` the loop of a torch user instead:
+    ``torch.nn.utils.clip_grad_norm_`` (through the p.grad handles, the coefficient clamped to
+    1 on every device), a read of p.grad, ``model.zero_grad()``."""
     torch.manual_seed(0)
     layers = nn.ModuleList(nn.Linear(256, 256) for _ in range(4)).to(device, dtype)
     opt = OffloadAdamW(layers.parameters(), lr=1e-2, bucket_mb=0.1, loss_scale=loss_scale,
@@ -52,10 +54,17 @@ def _exact_gradient_run(device: str, dtype: torch.dtype, loss_scale: float | Non
             g = torch.Generator().manual_seed(10 * step + micro)
             x, c = (torch.randint(-2, 3, (8, 256), generator=g).to(device, dtype) for _ in range(2))
             opt.scale_loss(sum((layer(x) * c).sum() for layer in layers)).backward()
-        opt.clip_grad_norm_(100.0)
-        opt.step(copy_back=False)
-        opt.copy_back()
-        opt.zero_grad()
+        if torch_loop:
+            norm = torch.nn.utils.clip_grad_norm_(layers.parameters(), 1e9)
+            assert norm.device.type == device and torch.isfinite(norm)
+            history.append([p.grad.clone().cpu() for p in layers.parameters()])
+            opt.step()
+            layers.zero_grad()
+        else:
+            opt.clip_grad_norm_(100.0)
+            opt.step(copy_back=False)
+            opt.copy_back()
+            opt.zero_grad()
         history.append([p.detach().cpu().clone() for p in layers.parameters()])
     opt.flush()
     history.append([p.detach().cpu().clone() for p in layers.parameters()])
@@ -66,10 +75,12 @@ def _exact_gradient_run(device: str, dtype: torch.dtype, loss_scale: float | Non
 @pytest.mark.parametrize("delayed", [None, 1])
 @pytest.mark.parametrize("dtype,loss_scale", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, 4.0)])
 def test_cuda_gradient_stream_and_copies_equal_the_cpu_path(dtype, loss_scale, delayed):
-    """Gradients through the side stream into pinned staging, accumulation over micro-steps,
-    clipping and loss scaling on them, parameter copies back (with the delayed update too):
+    """Gradients through the side stream into pinned staging, accumulation over micro-steps
+    (the second through the p.grad handle's add_), clipping and loss scaling on them, parameter
+    copies back (with the delayed update too), torch's clip and zero_grad on the handles:
     under CUDA exactly what the synchronous CPU path computes."""
-    cpu = _exact_gradient_run("cpu", dtype, loss_scale, delayed)
-    cuda = _exact_gradient_run("cuda", dtype, loss_scale, delayed)
-    for k, (a, b) in enumerate(zip(cuda, cpu)):
-        assert all(torch.equal(x, y) for x, y in zip(a, b)), k
+    for torch_loop in (False, True) if loss_scale is None else (False,):  # a torch loop has no fp16 scale
+        cpu = _exact_gradient_run("cpu", dtype, loss_scale, delayed, torch_loop)
+        cuda = _exact_gradient_run("cuda", dtype, loss_scale, delayed, torch_loop)
+        for k, (a, b) in enumerate(zip(cuda, cpu)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b)), (torch_loop, k)

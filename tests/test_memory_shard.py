@@ -8,6 +8,8 @@ round as the whole does; with 8-bit states, whose blocks lie on a grid of that i
 shards are cut on it."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from thruput.memory import OffloadAdamW, Zero2OffloadAdamW
+from thruput.memory import HostGrad, OffloadAdamW, Zero2OffloadAdamW
 from thruput.models import GPT, GPTConfig
 
 WORLD, VOCAB, SEQ, ROWS = 2, 64, 16, 8
@@ -192,12 +194,72 @@ def test_nccl_delayed_update_accumulation_and_copy_back_on_cuda(tmp_path):
     mp.spawn(_delayed_copy_back_worker, args=(str(tmp_path / "init"), "nccl", world), nprocs=world, join=True)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def _grad_handles_worker(rank: int, init_file: str) -> None:
+    """ZeRO-2's p.grad: torch's clip, GradScaler and reads refuse with the call to use instead;
+    model.zero_grad(), zero_grad(set_to_none=False), no zeroing (gradients add up across steps,
+    also through a no_sync micro-step), and a layer unused in a step keeping its old gradient,
+    all equal the one-rank optimizer (equal to torch AdamW: test_memory_offload_grad.py) up to
+    the order in which the ranks' halves are summed."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        ref, model = _gpt(), _gpt()
+        ref_opt = OffloadAdamW(_groups(ref), lr=1e-2, impl=IMPL)
+        opt = Zero2OffloadAdamW(_groups(model), lr=1e-2, bucket_mb=0.03, impl=IMPL)
+        halves = [slice(r * ROWS // WORLD, (r + 1) * ROWS // WORLD) for r in range(WORLD)]
+        for step, zeroing in enumerate(["model", "model_keep", "none", "opt", "none", "model"]):
+            rows = _batch(300 + step)
+            for half in halves:
+                (_loss(ref, rows[half]) / WORLD).backward()
+            mine = rows[halves[rank]]
+            if step == 3:  # on top of step 2's handles: a no_sync micro-step, then a synced one
+                with opt.no_sync():
+                    (_loss(model, mine[:2]) / 2).backward()
+                (_loss(model, mine[2:]) / 2).backward()
+            else:
+                _loss(model, mine).backward()
+            p = next(model.parameters())
+            assert isinstance(p.grad, HostGrad)
+            scaler = torch.amp.GradScaler("cpu")
+            scaler.scale(torch.ones(()))
+            for use in (lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), lambda: p.grad.clone(),
+                        lambda: scaler.unscale_(opt)):
+                with pytest.raises(RuntimeError, match=r"optimizer\.clip_grad_norm_\(max_norm\)"):
+                    use()
+            ref_opt.step()
+            opt.step()
+            for m, o in ((ref, ref_opt), (model, opt)):
+                if zeroing == "model":
+                    m.zero_grad()
+                elif zeroing == "model_keep":
+                    m.zero_grad(set_to_none=False)
+                elif zeroing == "opt":
+                    o.zero_grad()
+            for q, r in zip(model.parameters(), ref.parameters()):
+                torch.testing.assert_close(q, r, rtol=1e-5, atol=1e-6)  # halves summed in another order
+        # a layer unused in the second step keeps its handle (not zeroed): stepped again with it
+        torch.manual_seed(0)
+        layers = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        ref_layers = copy.deepcopy(layers)
+        opt = Zero2OffloadAdamW(layers.parameters(), lr=1e-2, impl=IMPL)
+        ref_opt = OffloadAdamW(ref_layers.parameters(), lr=1e-2, impl=IMPL)
+        xs = [torch.randn(4, 4, generator=torch.Generator().manual_seed(r)) for r in range(WORLD)]
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+        def loss(m: nn.Module, x: torch.Tensor, step: int) -> torch.Tensor:
+            return (m[0](x) if step else m[1](m[0](x))).pow(2).mean()
+
+        for step in range(2):
+            loss(layers, xs[rank], step).backward()
+            (sum(loss(ref_layers, x, step) for x in xs) / WORLD).backward()
+            opt.step()
+            ref_opt.step()
+        for q, r in zip(layers.parameters(), ref_layers.parameters()):
+            torch.testing.assert_close(q, r, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_zero2_p_grad_refuses_reads_and_accumulates_and_zeroes_like_one_rank(tmp_path):
+    mp.spawn(_grad_handles_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
 
 
 def test_two_gloo_ranks_equal_one_rank_on_the_same_total_batch(tmp_path):

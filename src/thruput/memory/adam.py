@@ -4,8 +4,10 @@
 the two moments, and writes the master, the moments and (optionally) the training-dtype copy of
 the parameter, all in one pass. Two implementations compute the same thing:
 
-* ``"cpp"``: a C++ extension (``csrc/adam.cpp``), JIT-built once with torch.utils.cpp_extension
-  and cached in the torch extensions directory; vectorised and multi-threaded.
+* ``"cpp"``: a C++ extension (``csrc/adam.cpp``), JIT-built on first use and cached in the torch
+  extensions directory in a folder keyed by the source, torch build, flags and CPU, so every
+  virtual environment on a machine shares one build (:mod:`thruput.memory.ext_build`);
+  vectorised and multi-threaded.
 * ``"torch"``: a pure-torch fallback (``_adam_torch.py``), used when there is no compiler (with a
   warning).
 
@@ -48,6 +50,7 @@ from torch import Tensor
 
 from thruput.memory._adam_torch import (BLOCK, decode_m, decode_v, encode_m, encode_v, fmix32, n_blocks,
                                         sqrt_exact, torch_step)
+from thruput.memory.ext_build import load_extension
 
 __all__ = ["STATE_DTYPES", "AdamState", "adamw_step", "kernel_available", "kernel_build_error"]
 
@@ -132,6 +135,17 @@ class AdamState:
         qm, sm = encode_m(m, half, phase)
         qv, sv = encode_v(sqrt_exact(v), half, phase)
         return cls("int8", m.numel(), qm, qv, sm, sv, phase)
+
+    def slice(self, start: int, end: int) -> AdamState:
+        """The moments of elements ``[start, end)``, sharing memory (updates to it land here).
+
+        Raises ValueError for an 8-bit state unless the range is all of it: its blocks share
+        scales across the cut."""
+        if (start, end) == (0, self.numel):
+            return self
+        if self.state_dtype == "int8":
+            raise ValueError("AdamState.slice: 8-bit states cannot be cut (blocks share scales)")
+        return AdamState(self.state_dtype, end - start, self.exp_avg[start:end], self.exp_avg_sq[start:end])
 
     def state_dict(self) -> dict[str, Tensor | str | int]:
         """Plain data: ``state_dtype``, ``numel`` and the tensors (scales only for int8)."""
@@ -342,18 +356,14 @@ def kernel_build_error() -> str | None:
     return _build_error
 
 
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+
+
 def _build():
     if not _CSRC.exists():
         raise FileNotFoundError(f"C++ source {_CSRC} is missing")
-    from torch.utils import cpp_extension
-
-    return cpp_extension.load(
-        name="thruput_cpu_adam",
-        sources=[str(_CSRC)],
-        extra_cflags=["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    return load_extension("thruput_cpu_adam", _CSRC, _CFLAGS, _LDFLAGS)
 
 
 def _warn_fallback_once() -> None:

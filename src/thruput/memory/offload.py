@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 
 from thruput.memory.adam import STATE_DTYPES, adamw_step, kernel_available
-from thruput.memory.offload_buckets import (GradientStream, Segment, allocate, allocated_bytes, build_segments,
-                                            check_host_memory, check_params, copy_to_params, grad_sq_sum)
+from thruput.memory.offload_buckets import (Segment, allocate, allocated_bytes, build_segments, check_host_memory,
+                                            check_params, copy_to_params, grad_sq_sum)
+from thruput.memory.offload_scale import LossScale
 from thruput.memory.offload_state import export_state, import_state
+from thruput.memory.offload_stream import GradientStream
 
 __all__ = ["OffloadAdamW", "Segment"]  # Segment: for ZeRO-2 (shard.py)
 
@@ -47,11 +49,15 @@ class OffloadAdamW(torch.optim.Optimizer):
       hold inf/NaN is skipped (:attr:`last_step_skipped`).
     * ``bucket_mb``: host bucket size; ``impl``: the CPU kernel (see ``adamw_step``).
 
-    Gradient accumulation: gradients of several backwards add up (in fp32 on the host) until
-    :meth:`zero_grad`. Clip with :meth:`clip_grad_norm_` (the model's ``p.grad`` are ``None``
-    after backward, so ``torch.nn.utils.clip_grad_norm_`` sees nothing). A trainable parameter
-    that got no gradient is stepped with a zero gradient (its moments still decay), unlike
-    torch.optim.AdamW, which skips it. Frozen parameters are left alone.
+    ``p.grad`` is what torch.optim.AdamW would see: after backward it holds a
+    :class:`~thruput.memory.offload_grad.HostGrad` standing for the fp32 host gradient (no
+    device memory), so ``model.zero_grad()`` (with or without ``set_to_none``), accumulation
+    over backwards (until anyone zeroes), ``torch.nn.utils.clip_grad_norm_``,
+    ``torch.amp.GradScaler`` and any other use of ``p.grad`` work as with torch. The one-pass
+    :meth:`clip_grad_norm_` and ``loss_scale`` below save a pass each. A parameter whose
+    ``p.grad`` is None at ``step()`` is skipped like torch does (with ``state_dtype="int8"``,
+    whose blocks span parameters, it is stepped with a zero gradient). Frozen parameters are
+    left alone.
 
     ``state_dict()`` is torch.optim.AdamW's format (plus the fp32 ``master``; see
     :mod:`thruput.memory.offload_state`): it loads into a run with torch AdamW, and back.
@@ -71,20 +77,12 @@ class OffloadAdamW(torch.optim.Optimizer):
             raise ValueError(f"delayed_update_after must be >= 0 or None, got {delayed_update_after}")
         if not bucket_mb > 0:
             raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")
-        if not (loss_scale is None or loss_scale == "dynamic"
-                or (isinstance(loss_scale, (int, float)) and loss_scale > 0)):
-            raise ValueError(f"loss_scale must be None, 'dynamic' or a positive number, got {loss_scale!r}")
+        self._scaler = LossScale(loss_scale, growth_interval)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.state_dtype = state_dtype
         self.delayed_update_after = delayed_update_after
         self.impl = impl
         self.bucket_bytes = int(bucket_mb * 2**20)
-        self._dynamic = loss_scale == "dynamic"
-        self._scale = 2.0**16 if self._dynamic else (None if loss_scale is None else float(loss_scale))
-        self.growth_interval = growth_interval
-        self._good_steps = 0
-        self.skipped_steps = 0
-        self.last_step_skipped = False
         self.last_timings: dict[str, float] = {}
         self._timings = {"d2h": 0.0, "cpu_step": 0.0, "h2d": 0.0}
         self._clip_coef: float | None = None
@@ -101,7 +99,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         check_host_memory(self.segments, self.state_dtype, self._needs_grad_stage(), _available_host_bytes())
         for seg in self.segments:
             self._allocate(seg)
-        self._grads = GradientStream(self.segments, self.device, self._side, self._join_background)
+        self._grads = self._grad_stream()
         self._handles = self._install_grad_path()
 
     # --- construction ----------------------------------------------------------------------
@@ -131,28 +129,48 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # --- gradients: device -> host ---------------------------------------------------------
 
+    def _grad_stream(self) -> GradientStream:
+        """Where gradients go and what ``p.grad`` holds (ZeRO-2 overrides)."""
+        return GradientStream(self.segments, self.device, self._side, self._join_background, self._on_grad_change)
+
     def _install_grad_path(self) -> list[Any]:
         """Hooks that stream gradients to the host (ZeRO-2 overrides: reduce-scatter instead)."""
         return self._grads.install()
 
     def _gather_grads(self) -> None:
-        """Bring every gradient of this step into the fp32 host buffers; zero the missing ones."""
+        """Bring every gradient of this step into the fp32 host buffers; mark the missing ones."""
         self._grads.gather()
 
+    def _on_grad_change(self) -> None:
+        """A gradient is about to change or be read: a pending clip coefficient of
+        :meth:`clip_grad_norm_` is applied to the buffers first (the clipped gradients are what
+        ``p.grad`` holds from then on, and a later backward adds to them, as with torch)."""
+        coef, self._clip_coef, self._sq_sum = self._clip_coef, None, None
+        if coef is not None and coef != 1.0:
+            for seg in self.segments:
+                seg.grad.mul_(coef)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Start a new accumulation: the next gradient of every parameter overwrites the host
-        buffer (no memset). Device gradients are already freed by the hooks."""
-        self._grads.restart()
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        """``torch.optim.Optimizer.zero_grad``: ``p.grad = None`` (the next backward's gradient
+        overwrites the host buffer, no memset) or, with ``set_to_none=False``, zero."""
+        self._clip_coef = self._sq_sum = None
+        super().zero_grad(set_to_none)
 
     # --- clipping and loss scaling ---------------------------------------------------------
 
     @property
     def loss_scale(self) -> float:
         """The factor the loss must be multiplied by before backward (1.0 without scaling)."""
-        return 1.0 if self._scale is None else self._scale
+        return self._scaler.factor
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for inf/NaN gradients under loss scaling."""
+        return self._scaler.skipped_steps
+
+    @property
+    def last_step_skipped(self) -> bool:
+        return self._scaler.last_step_skipped
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         """``loss`` times :attr:`loss_scale`, to call ``backward()`` on."""
@@ -166,7 +184,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         return self._reduce_sum(grad_sq_sum(self.segments))
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Clip the accumulated gradients to global L2 norm ``max_norm`` at the next step.
+        """Clip the accumulated gradients to global L2 norm ``max_norm``, in one pass: the
+        coefficient is folded into the next update (or into the buffers, should ``p.grad`` be
+        used or added to first). ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)``
+        gives the same result with a pass more.
 
         Returns the total norm of the unscaled gradients (before clipping), as a tensor, like
         ``torch.nn.utils.clip_grad_norm_``. Inf/NaN norms are returned as they are; with loss
@@ -175,6 +196,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         self._prepare_grads()
+        self._on_grad_change()  # an earlier call's coefficient applies first
         self._sq_sum = self._grad_sq_sum()
         norm = self._sq_sum**0.5 / self.loss_scale
         coef = max_norm / (norm + 1e-6)
@@ -252,21 +274,8 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _grad_scale(self) -> float | None:
         """The divisor for this step's gradients (loss scale / clip coefficient), or None to skip."""
         scale = self.loss_scale
-        self.last_step_skipped = False
-        if self._scale is not None:
-            sq = self._grad_sq_sum() if self._sq_sum is None else self._sq_sum
-            overflow = not (sq == sq and sq != float("inf"))
-            if self._dynamic:
-                self._good_steps = 0 if overflow else self._good_steps + 1
-                if overflow:
-                    self._scale *= 0.5
-                elif self._good_steps >= self.growth_interval:
-                    self._scale *= 2.0
-                    self._good_steps = 0
-            if overflow:
-                self.skipped_steps += 1
-                self.last_step_skipped = True
-                return None
+        if not self._scaler.step_ok(lambda: self._grad_sq_sum() if self._sq_sum is None else self._sq_sum):
+            return None
         if self._clip_coef is not None and self._clip_coef > 0:
             scale /= self._clip_coef
         return scale
@@ -274,12 +283,21 @@ class OffloadAdamW(torch.optim.Optimizer):
     def _update(self, seg: Segment, grad_scale: float, groups: list[dict[str, Any]] | None = None) -> None:
         group = (self.param_groups if groups is None else groups)[seg.group]
         seg.wait_copy_out()
-        seg.step += 1
         beta1, beta2 = group["betas"]
-        adamw_step(seg.master, seg.grad, seg.state, seg.param_out, step=seg.step, lr=float(group["lr"]),
-                   beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                   weight_decay=float(group["weight_decay"]), grad_scale=grad_scale, impl=self.impl,
-                   index_offset=seg.index_offset)
+        if self.state_dtype == "int8":  # blocks share scales across pieces: the segment steps whole
+            seg.skip = [False] * len(seg.pieces)
+            seg.steps = [max(seg.steps)] * len(seg.pieces)
+        for start, end, steps in seg.runs():
+            out = None if seg.param_out is None else seg.param_out[start:end]
+            adamw_step(seg.master[start:end], seg.grad[start:end], seg.state.slice(start, end), out,
+                       step=steps + 1, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                       eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                       grad_scale=grad_scale, impl=self.impl, index_offset=seg.index_offset + start)
+        for i, skipped in enumerate(seg.skip):
+            if not skipped:
+                seg.steps[i] += 1
+            elif seg.param_out is not None:  # the kernel did not write it; the copy back reads it
+                seg.param_out[seg.span(i)].copy_(seg.master[seg.span(i)])
 
     def _background_update(self, grad_scale: float, groups: list[dict[str, Any]]) -> None:
         # A new thread's current CUDA device is 0: its event waits and frees must not create a
@@ -354,9 +372,8 @@ class OffloadAdamW(torch.optim.Optimizer):
         """torch.optim.AdamW's format (see the class docstring); finishes a delayed update first."""
         self.flush()
         state, groups = export_state(self.param_groups, self.segments, self._grads.pieces, self._combine)
-        scaler = {"scale": self._scale, "good_steps": self._good_steps, "skipped_steps": self.skipped_steps,
-                  "steps_done": self._steps_done}
-        return {"state": state, "param_groups": groups, "offload": scaler}
+        return {"state": state, "param_groups": groups,
+                "offload": {**self._scaler.state_dict(), "steps_done": self._steps_done}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict` output or a torch.optim.AdamW state dict.
@@ -371,12 +388,10 @@ class OffloadAdamW(torch.optim.Optimizer):
         import_state(self.param_groups, self.segments, self.state_dtype, state_dict)
         extra = state_dict.get("offload")
         if extra is not None:
-            self._scale = extra["scale"] if self._scale is not None else None
-            self._good_steps = int(extra["good_steps"])
-            self.skipped_steps = int(extra["skipped_steps"])
+            self._scaler.load_state_dict(extra)
             self._steps_done = int(extra["steps_done"])
         else:
-            self._steps_done = max((s.step for s in self.segments), default=0)
+            self._steps_done = max((max(s.steps) for s in self.segments), default=0)
         self.zero_grad()
 
     def remove_hooks(self) -> None:

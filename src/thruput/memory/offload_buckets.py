@@ -1,4 +1,4 @@
-"""OffloadAdamW's host buckets: layout, allocation, the gradient stream in and the parameter copies out.
+"""OffloadAdamW's host buckets: layout, allocation and the parameter copies out.
 
 A bucket ("segment") is one flat run of host buffers for parameters of one param group and one
 dtype, in backward order: fp32 master, fp32 gradient accumulator, Adam states (fp32/bf16/int8),
@@ -7,14 +7,12 @@ fp32, and one for incoming gradients under CUDA or the delayed update. Under CUD
 that cross the bus (staging, and the master of an fp32 model) are pinned; the states, the
 accumulator and a master with a training-dtype copy never leave the host and are not.
 
-:class:`GradientStream` moves each gradient into its bucket as soon as autograd has accumulated
-it (a post-accumulate-grad hook; on CUDA a non-blocking copy on a side stream into pinned
-memory) and frees the device gradient.
+Gradients come in through :mod:`thruput.memory.offload_stream`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +27,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Segment:
     """One flat run of host buffers. ``pieces[i] = (param, p_start, p_end, seg_start)``: elements
     ``[p_start, p_end)`` of ``param.view(-1)`` live at ``seg_start`` onwards. ``index_offset``:
-    the global index of element 0, by which stochastic rounding draws (a ZeRO-2 shard's offset)."""
+    the global index of element 0, by which stochastic rounding draws (a ZeRO-2 shard's offset).
+    Per piece: ``steps`` (AdamW steps taken, like torch's per-parameter ``step``), ``skip`` (no
+    gradient at this step: not updated), ``fresh`` (the gradient is zero: the next one
+    overwrites) and ``staged`` (it waits in ``grad_stage``: True or a CUDA event)."""
 
     group: int
     dtype: torch.dtype
@@ -41,10 +42,32 @@ class Segment:
     state: AdamState = field(init=False)
     grad_stage: Tensor | None = None
     param_out: Tensor | None = None
-    step: int = 0
-    fresh: list[bool] = field(default_factory=list)  # next gradient of piece i overwrites
-    staged: list[Any] = field(default_factory=list)  # piece i waits in grad_stage (True or a CUDA event)
+    steps: list[int] = field(default_factory=list)
+    skip: list[bool] = field(default_factory=list)
+    fresh: list[bool] = field(default_factory=list)
+    staged: list[Any] = field(default_factory=list)
     copy_event: Any = None  # CUDA: marks the end of the last copy out of param_out / master
+
+    def span(self, i: int) -> slice:
+        """Where piece ``i`` lies in the segment's buffers."""
+        _, ps, pe, ss = self.pieces[i]
+        return slice(ss, ss + pe - ps)
+
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """``(start, end, steps)``: the element ranges to update, pieces not skipped whose step
+        counts agree (one range, the whole segment, unless some are skipped or behind)."""
+        run: list[int] | None = None  # [start, end, steps]
+        for i, (_, ps, pe, ss) in enumerate(self.pieces):
+            if self.skip[i]:
+                continue
+            if run is not None and run[1] == ss and run[2] == self.steps[i]:
+                run[1] = ss + pe - ps
+                continue
+            if run is not None:
+                yield run[0], run[1], run[2]
+            run = [ss, ss + pe - ps, self.steps[i]]
+        if run is not None:
+            yield run[0], run[1], run[2]
 
     def wait_copy_out(self) -> None:
         """Block until the last device copy out of ``param_out`` / ``master`` has read them."""
@@ -121,10 +144,11 @@ def allocate(seg: Segment, state_dtype: str, *, pin: bool, grad_stage: bool) -> 
     seg.state = AdamState.create(seg.numel, state_dtype, index_offset=seg.index_offset)
     if grad_stage:
         seg.grad_stage = torch.empty(seg.numel, dtype=seg.dtype, pin_memory=pin)
-    if seg.dtype != torch.float32:
+    if seg.dtype != torch.float32:  # what a piece the update skips copies back: the parameter as it is
         seg.param_out = torch.empty(seg.numel, dtype=seg.dtype, pin_memory=pin)
-    seg.fresh = [True] * len(seg.pieces)
-    seg.staged = [None] * len(seg.pieces)
+        seg.param_out.copy_(seg.master)
+    n = len(seg.pieces)
+    seg.steps, seg.skip, seg.fresh, seg.staged = [0] * n, [False] * n, [True] * n, [None] * n
 
 
 def allocated_bytes(seg: Segment) -> int:
@@ -160,103 +184,3 @@ def copy_to_params(seg: Segment, device: torch.device, side: Any) -> None:
             p.data.view(-1)[ps:pe].copy_(src[ss:ss + pe - ps], non_blocking=True)
         seg.copy_event = torch.cuda.Event()
         seg.copy_event.record()
-
-
-class GradientStream:
-    """Moves gradients from the model's parameters into the segments' fp32 host accumulators.
-
-    Without a staging buffer a gradient is added to the accumulator in the hook. With one (CUDA,
-    or the delayed update, whose background thread reads the accumulator) the hook only copies
-    it into ``grad_stage``; it is folded into the accumulator later, after ``before_fold()``
-    (which waits for a running update). ``side`` is the CUDA stream for the copies (None on CPU).
-    """
-
-    def __init__(self, segments: list[Segment], device: torch.device, side: Any,
-                 before_fold: Callable[[], None]) -> None:
-        self.segments = segments
-        self.device = device
-        self.side = side
-        self.before_fold = before_fold
-        self.pieces: dict[int, list[tuple[Segment, int]]] = {}  # id(param) -> its (segment, piece)
-        for seg in segments:
-            for i, (p, *_rest) in enumerate(seg.pieces):
-                self.pieces.setdefault(id(p), []).append((seg, i))
-
-    def params(self) -> list[nn.Parameter]:
-        """The trainable parameters, each once."""
-        return list({id(p): p for s in self.segments for p, *_ in s.pieces}.values())
-
-    def install(self) -> list[Any]:
-        """Register the post-accumulate-grad hooks; returns their handles."""
-        return [p.register_post_accumulate_grad_hook(self.on_grad) for p in self.params()]
-
-    def on_grad(self, p: Tensor) -> None:
-        """Move ``p.grad`` into its host bucket (staged or accumulated) and free it."""
-        g = p.grad
-        if g is None:
-            return
-        flat = g.detach().reshape(-1)
-        for seg, i in self.pieces[id(p)]:
-            _, ps, pe, ss = seg.pieces[i]
-            if seg.grad_stage is None:
-                self._accumulate(seg, i, flat[ps:pe])
-                continue
-            if seg.staged[i] is not None:  # an earlier micro-step's gradient still waits there
-                self._fold_piece(seg, i)
-            dst = seg.grad_stage[ss:ss + pe - ps]
-            if self.side is not None:
-                self.side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(self.side):
-                    dst.copy_(flat[ps:pe], non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                # The allocator may hand the gradient's memory (or that of flat, a copy when the
-                # gradient was not contiguous) to the compute stream once it is freed below,
-                # unless it knows the side stream's copy still reads it.
-                flat.record_stream(self.side)
-                seg.staged[i] = event
-            else:
-                dst.copy_(flat[ps:pe])
-                seg.staged[i] = True
-        p.grad = None
-
-    @staticmethod
-    def _accumulate(seg: Segment, i: int, src: Tensor) -> None:
-        _, ps, pe, ss = seg.pieces[i]
-        dst = seg.grad[ss:ss + pe - ps]
-        if seg.fresh[i]:
-            dst.copy_(src)
-            seg.fresh[i] = False
-        else:
-            dst.add_(src)
-
-    def _fold_piece(self, seg: Segment, i: int) -> None:
-        self.before_fold()  # the update reads seg.grad
-        if not isinstance(seg.staged[i], bool):
-            seg.staged[i].synchronize()
-        _, ps, pe, ss = seg.pieces[i]
-        self._accumulate(seg, i, seg.grad_stage[ss:ss + pe - ps])
-        seg.staged[i] = None
-
-    def gather(self) -> None:
-        """Bring every gradient of this step into the fp32 host buffers; zero the missing ones."""
-        for p in self.params():
-            if p.grad is not None:  # set by hand, or produced without the hook
-                self.on_grad(p)
-        for seg in self.segments:
-            for i, (_, ps, pe, ss) in enumerate(seg.pieces):
-                if seg.staged[i] is not None:
-                    self._fold_piece(seg, i)
-                elif seg.fresh[i]:
-                    seg.grad[ss:ss + pe - ps].zero_()
-                    seg.fresh[i] = False
-
-    def restart(self) -> None:
-        """Start a new accumulation: the next gradient of every piece overwrites (no memset);
-        staged gradients of the abandoned one are dropped once their copies are done."""
-        for seg in self.segments:
-            seg.fresh = [True] * len(seg.pieces)
-            for staged in seg.staged:
-                if not isinstance(staged, (bool, type(None))):
-                    staged.synchronize()
-            seg.staged = [None] * len(seg.pieces)

@@ -50,7 +50,7 @@ def export_state(param_groups: list[dict[str, Any]], segments: list[Segment],
                 full["exp_avg"][ps:pe] = m[ss:ss + pe - ps]
                 full["exp_avg_sq"][ps:pe] = v[ss:ss + pe - ps]
                 full["master"][ps:pe] = seg.master[ss:ss + pe - ps]
-                step = max(step, seg.step)
+                step = max(step, seg.steps[i])
             step = int(combine(torch.tensor([step], dtype=torch.float64), "max").item())
             if step == 0:
                 continue
@@ -64,7 +64,7 @@ def export_state(param_groups: list[dict[str, Any]], segments: list[Segment],
 def import_state(param_groups: list[dict[str, Any]], segments: list[Segment], state_dtype: str,
                  state_dict: dict[str, Any]) -> None:
     """Load a torch.optim.AdamW-format ``state_dict`` into the groups' hyperparameters and the
-    segments' masters, moments and step counts.
+    segments' masters, moments and per-piece step counts.
 
     The master comes from the saved ``master`` when present, else from the current parameters.
     Raises ``ValueError`` when the number of groups, of parameters per group, or a state's size
@@ -94,21 +94,21 @@ def import_state(param_groups: list[dict[str, Any]], segments: list[Segment], st
     for seg in segments:
         m = torch.zeros(seg.numel, dtype=torch.float32)
         v = torch.zeros(seg.numel, dtype=torch.float32)
-        step = 0
-        for p, ps, pe, ss in seg.pieces:
+        for i, (p, ps, pe, ss) in enumerate(seg.pieces):
             entry = by_id.get(id(p))
             n = pe - ps
             master = entry.get("master") if entry is not None else None
             source = p.detach() if master is None else master
             seg.master[ss:ss + n].copy_(source.reshape(-1)[ps:pe])
+            if seg.param_out is not None:  # what a skipped piece copies back
+                seg.param_out[ss:ss + n].copy_(seg.master[ss:ss + n])
+            seg.steps[i] = 0 if entry is None else int(float(entry["step"]))
             if entry is None:
                 continue
             m[ss:ss + n] = entry["exp_avg"].detach().reshape(-1)[ps:pe].float().cpu()
             v[ss:ss + n] = entry["exp_avg_sq"].detach().reshape(-1)[ps:pe].float().cpu()
-            step = max(step, int(float(entry["step"])))
         fresh = AdamState.from_fp32(m, v, state_dtype, index_offset=seg.index_offset)
         for name in ("exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"):
             dst = getattr(seg.state, name)
             if dst is not None:
                 dst.copy_(getattr(fresh, name))
-        seg.step = step

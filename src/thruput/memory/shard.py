@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from thruput.comm import GradientBuckets
 from thruput.memory.adam import BLOCK
 from thruput.memory.offload import OffloadAdamW, Segment
+from thruput.memory.shard_stream import ShardStream
 
 
 class Zero2OffloadAdamW(OffloadAdamW):
@@ -32,7 +33,12 @@ class Zero2OffloadAdamW(OffloadAdamW):
     ranks, so a per-rank mean loss on equal shares of the batch equals one rank on the whole
     batch. Gradient accumulation works either way: each backward's reduced shard is added to the
     host accumulator, or, inside :meth:`no_sync`, gradients add up on the device and are reduced
-    once by the last backward.
+    once by the last backward. ``model.zero_grad()`` and ``zero_grad(set_to_none=False)`` work
+    as with torch; ``p.grad`` then holds a handle that refuses to be read (each rank has only a
+    shard; :mod:`thruput.memory.shard_stream`): clip with :meth:`clip_grad_norm_`, scale with
+    ``loss_scale``, not with ``torch.nn.utils.clip_grad_norm_`` or ``GradScaler``, which raise at
+    their first use. After a synced backward every parameter has a gradient (zeros where no rank
+    produced one, as the reduce-scatter sends them), so every parameter is stepped.
 
     ``state_dict()`` is collective (every rank must call it) and returns the full, unsharded
     torch.optim.AdamW-format state on every rank; ``load_state_dict`` takes that full state.
@@ -67,6 +73,8 @@ class Zero2OffloadAdamW(OffloadAdamW):
                     group_of[id(p)] = gi
                     trainable.append(p)
         align = BLOCK if self.state_dtype == "int8" else 1
+        # Before the buckets' hooks: it decides whether the reduced shard replaces or adds.
+        self._first_hooks = [p.register_post_accumulate_grad_hook(self._before_reduce) for p in trainable]
         self.comm = GradientBuckets(trainable, bucket_mb=self.bucket_bytes / 2**20, op="reduce_scatter",
                                     on_shard=self._on_shard, group=self.process_group, shard_align=align)
         segments: list[Segment] = []
@@ -93,6 +101,12 @@ class Zero2OffloadAdamW(OffloadAdamW):
 
     # --- gradients -------------------------------------------------------------------------
 
+    def _grad_stream(self) -> ShardStream:
+        return ShardStream(self.segments, self.device, self._side, self._join_background, self._on_grad_change)
+
+    def _before_reduce(self, p: Tensor) -> None:
+        self._grads.before_reduce(p)
+
     def _install_grad_path(self) -> list[Any]:
         """A marker hook that queues the end-of-backward fold once per backward pass."""
         params = {id(p): p for b in self.comm.buckets for p in b.params}
@@ -105,29 +119,46 @@ class Zero2OffloadAdamW(OffloadAdamW):
 
     def _end_of_backward(self) -> None:
         self._queued = False
+        self._finish_backward()
+
+    def _finish_backward(self) -> None:
+        """Deliver the buckets not yet reduced; every ``p.grad`` becomes its handle."""
+        params = [p for b in self.comm.buckets for p in b.params]
+        self._grads.park(params)
         self._timings.setdefault("comm", 0.0)
         self._timings["comm"] += self.comm.finish()
+        self._grads.end_backward(params)
 
     def _on_shard(self, bucket: Any, shard: Tensor) -> None:
         # One device-to-host copy of the shard (NCCL: a GPU tensor; a CPU accumulator cannot add_
         # a CUDA tensor), before waiting for the update so that the copy overlaps it.
         shard = shard.cpu()
         self._join_background()  # the running update reads the accumulators
+        self._on_grad_change()  # a pending clip of what is there applies first
         for seg, start in self._bucket_segments.get(bucket.index, []):
             src = shard[start:start + seg.numel]
-            if seg.fresh[0]:
+            self._grads.mark_unseen_fresh(seg)
+            if all(seg.fresh):
                 seg.grad.copy_(src)
-            else:
+            elif not any(seg.fresh):
                 seg.grad.add_(src)
+            else:
+                for i, fresh in enumerate(seg.fresh):
+                    dst, part = seg.grad[seg.span(i)], src[seg.span(i)]
+                    if fresh:
+                        dst.copy_(part)
+                    else:
+                        dst.add_(part)
             seg.fresh = [False] * len(seg.pieces)
 
     def _gather_grads(self) -> None:
-        self._timings.setdefault("comm", 0.0)
-        self._timings["comm"] += self.comm.finish()  # buckets of a backward not yet finished
+        self._finish_backward()  # buckets of a backward not yet finished
         for seg in self.segments:
-            if seg.fresh[0]:  # no backward since zero_grad
-                seg.grad.zero_()
-                seg.fresh = [False] * len(seg.pieces)
+            for i, (p, *_rest) in enumerate(seg.pieces):
+                seg.skip[i] = p.grad is None  # no backward since zero_grad: torch skips it
+                if seg.fresh[i]:  # zeroed, and no backward since
+                    seg.grad[seg.span(i)].zero_()
+                    seg.fresh[i] = False
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -184,4 +215,6 @@ class Zero2OffloadAdamW(OffloadAdamW):
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
+        for handle in self._first_hooks:
+            handle.remove()
         self.comm.remove()
