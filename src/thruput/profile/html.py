@@ -74,7 +74,18 @@ def plot_step_times(steps: list[dict], excluded: dict[int, str] | None = None) -
     top, factor, unit = _time_scale(steps, excluded)
     chart = Chart("step time over steps", "step", unit, _x_range(steps), (0, top * factor), x_integer=True)
     _mark_excluded(chart, steps, excluded, top)
-    chart.line([s["step"] for s in steps], [s["time_s"] * factor for s in steps], "#29335c")
+    segment: list[dict] = []
+    for i, s in enumerate([*steps, None]):  # the line joins kept steps only; excluded ones are dots
+        if s is not None and i not in excluded:
+            segment.append(s)
+            continue
+        if segment:
+            chart.line([k["step"] for k in segment], [k["time_s"] * factor for k in segment], "#29335c")
+            if len(segment) == 1:
+                chart.dots([segment[0]["step"]], [segment[0]["time_s"] * factor], "#29335c")
+        segment = []
+        if s is not None and s["time_s"] <= top:
+            chart.dots([s["step"]], [s["time_s"] * factor], "#29335c", hollow=True)
     return chart.svg()
 
 
@@ -85,12 +96,12 @@ def plot_phase_stack(steps: list[dict], phases: list[str], excluded: dict[int, s
     top, factor, unit = _time_scale(steps, excluded)
     chart = Chart("phases of each step", "step", unit, _x_range(steps), (0, top * factor), x_integer=True)
     _mark_excluded(chart, steps, excluded, top)
-    for s in steps:
+    for i, s in enumerate(steps):
         y = 0.0
         for phase in phases:
             h = s["phases"].get(phase, 0.0) * factor
             if h > 0:
-                chart.bar(s["step"] - 0.5, s["step"] + 0.5, y, y + h, COLORS.get(phase, "#888"))
+                chart.bar(s["step"] - 0.5, s["step"] + 0.5, y, y + h, COLORS.get(phase, "#888"), faded=i in excluded)
                 y += h
     chart.legend([(p, COLORS.get(p, "#888")) for p in phases])
     return chart.svg()
@@ -132,7 +143,7 @@ def plot_clock_vs_time(steps: list[dict], source: str, metric: str) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:800px}
 table{border-collapse:collapse} th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #eee;vertical-align:top}
 td.n{text-align:right} svg{display:block;margin:1em 0;font-size:11px} .ax{stroke:#444} .grid{stroke:#e6e6e6}
-.band{fill:#f1f1f1} .note{fill:#777;color:#555;font-size:11px} .t{font-weight:bold;font-size:13px}
+.band{fill:#f1f1f1} .note{fill:#777;color:#555;font-size:11px} .over{fill:#b8401f} .t{font-weight:bold;font-size:13px}
 .verdict{padding:.5em 1em;background:#f4f7f0;border-left:4px solid #a8c686} code{font-size:11px}"""
 
 

@@ -313,7 +313,7 @@ class StepProfiler:
             "samples_per_s": sum(r.samples for r in records) / total,
             "tokens_per_s": sum(r.tokens for r in records) / total,
             "useful_tokens_per_s": sum(r.useful_tokens for r in records) / total,
-            "padding_ratio": 1 - sum(r.useful_tokens for r in records) / max(1, sum(r.tokens for r in records)),
+            "padding_ratio": _padding_ratio(records),
             "phase_share": {p: phase_totals[p] / total for p in PHASES},
             "phase_median_s": {p: statistics.median(r.phases[p] for r in records) for p in PHASES},
             "achieved_flops": achieved,
@@ -371,6 +371,13 @@ class _NullContext:
 
 
 _NULL = _NullContext()
+
+
+def _padding_ratio(records: list[StepRecord]) -> float:
+    """Share of the positions fed to the model that are padding (exact for exact ratios: the
+    difference is taken in integers)."""
+    tokens = sum(r.tokens for r in records)
+    return (tokens - sum(r.useful_tokens for r in records)) / max(1, tokens)
 
 
 def _quantile(values: list[float], q: float) -> float:

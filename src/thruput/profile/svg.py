@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from html import escape
 
-W, H = 720, 240
-LEFT, RIGHT, TOP, BOTTOM = 70, 18, 30, 42
+W, H = 720, 250
+LEFT, RIGHT, TOP, BOTTOM = 70, 18, 48, 42  # TOP: the title, a legend row, then band labels
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> tuple[list[float], float]:
@@ -46,7 +46,7 @@ class Chart:
         self.x_lo, self.x_hi = x_range if x_range[1] > x_range[0] else (x_range[0] - 0.5, x_range[0] + 0.5)
         self.y_lo, self.y_hi = y_range if y_range[1] > y_range[0] else (y_range[0], y_range[0] + 1.0)
         self.marks: list[str] = []
-        self.frame = [f'<text x="{W / 2}" y="17" text-anchor="middle" class="t">{escape(title)}</text>',
+        self.frame = [f'<text x="{W / 2}" y="14" text-anchor="middle" class="t">{escape(title)}</text>',
                       f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 6}" text-anchor="middle">{escape(xlabel)}</text>',
                       f'<text x="14" y="{(TOP + H - BOTTOM) / 2}" transform="rotate(-90 14 {(TOP + H - BOTTOM) / 2})" '
                       f'text-anchor="middle">{escape(ylabel)}</text>']
@@ -76,39 +76,39 @@ class Chart:
         points = " ".join(f"{self.x(x):.1f},{self.y(y):.1f}" for x, y in zip(xs, ys))
         self.marks.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
 
-    def dots(self, xs: list[float], ys: list[float], color: str) -> None:
-        self.marks += [f'<circle cx="{self.x(x):.1f}" cy="{self.y(y):.1f}" r="3" fill="{color}" fill-opacity="0.7"/>'
-                       for x, y in zip(xs, ys)]
+    def dots(self, xs: list[float], ys: list[float], color: str, hollow: bool = False) -> None:
+        fill = f'fill="white" stroke="{color}" stroke-width="1.5"' if hollow else f'fill="{color}" fill-opacity="0.7"'
+        self.marks += [f'<circle cx="{self.x(x):.1f}" cy="{self.y(y):.1f}" r="3" {fill}/>' for x, y in zip(xs, ys)]
 
-    def bar(self, x0: float, x1: float, y0: float, y1: float, color: str) -> None:
+    def bar(self, x0: float, x1: float, y0: float, y1: float, color: str, faded: bool = False) -> None:
         """A rectangle from ``(x0, y0)`` to ``(x1, y1)`` in data units (clamped to the plot)."""
         left, right = self.x(x0), self.x(x1)
         top, bottom = self.y(y1), self.y(y0)
+        opacity = ' fill-opacity="0.3"' if faded else ""
         if bottom - top > 0:
             self.marks.append(f'<rect x="{left:.1f}" y="{top:.1f}" width="{max(right - left - 0.5, 0.5):.1f}" '
-                              f'height="{bottom - top:.1f}" fill="{color}"/>')
+                              f'height="{bottom - top:.1f}" fill="{color}"{opacity}/>')
 
     def band(self, x0: float, x1: float, label: str) -> None:
         """Shade ``[x0, x1]`` (steps left out of the scale) and name it at the top."""
         left, right = self.x(x0), self.x(x1)
         self.marks.insert(0, f'<rect x="{left:.1f}" y="{TOP}" width="{right - left:.1f}" height="{H - BOTTOM - TOP}" '
                              f'class="band"/>')
-        self.marks.append(f'<text x="{(left + right) / 2:.1f}" y="{TOP - 3}" text-anchor="middle" class="note">'
-                          f'{escape(label)}</text>')
+        self.marks.append(f'<text x="{max(left, LEFT):.1f}" y="{TOP - 4}" class="note">{escape(label)}</text>')
 
     def over_top(self, x: float, text: str) -> None:
         """Mark a value above the y range at ``x``: a triangle at the top edge and its value."""
         cx = self.x(x)
         self.marks.append(f'<path d="M{cx - 4:.1f},{TOP + 7} L{cx + 4:.1f},{TOP + 7} L{cx:.1f},{TOP} Z" fill="#e4572e"/>'
-                          f'<text x="{cx + 6:.1f}" y="{TOP + 9}" class="note">{escape(text)}</text>')
+                          f'<text x="{cx + 6:.1f}" y="{TOP + 10}" class="over">{escape(text)}</text>')
 
     def legend(self, items: list[tuple[str, str]]) -> None:
         """Colour swatches with names, in one row under the title."""
         x = LEFT + 8
         for name, color in items:
-            self.marks.append(f'<rect x="{x}" y="{TOP + 4}" width="10" height="10" fill="{color}"/>'
-                              f'<text x="{x + 14}" y="{TOP + 13}">{escape(name)}</text>')
-            x += 24 + 7 * len(name)
+            self.marks.append(f'<rect x="{x}" y="20" width="10" height="10" fill="{color}"/>'
+                              f'<text x="{x + 14}" y="29">{escape(name)}</text>')
+            x += 30 + 6.5 * len(name)
 
     def svg(self) -> str:
         return (f'<svg viewBox="0 0 {W} {H}" width="{W}" height="{H}">' + "".join(self.frame)
