@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+import pytest
+import torch
+
 from thruput.profile import StepProfiler, render_html, run_document
 from thruput.profile.html import excluded_steps, plot_clock_vs_time, plot_step_times
 from thruput.profile.svg import format_tick, nice_ticks
@@ -102,3 +105,16 @@ def test_terminal_report_rounds_the_evidence(capsys) -> None:
     document["verdict"]["findings"][0]["evidence"] = {"forward_backward_share": 0.8469442107829626}
     render_terminal(document)
     assert "forward_backward_share=84.7%" in capsys.readouterr().out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_record_scalar_on_cuda_reaches_steps_resolved_one_step_late() -> None:
+    prof = StepProfiler("cuda")
+    x = torch.ones(256, 256, device="cuda")
+    for i in range(4):
+        with prof.step(tokens=1, samples=1):
+            with prof.phase("forward"):
+                loss = (x @ x).sum() * i
+        prof.record_scalar("loss", loss.item())  # the newest step is still pending here
+    assert [s["scalars"]["loss"] for s in run_document(prof)["steps"]] == [0.0, 256.0**3, 2 * 256.0**3, 3 * 256.0**3]

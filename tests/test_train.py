@@ -138,7 +138,8 @@ def test_loss_and_lr_of_every_step_reach_the_run_document_and_the_hook(tmp_path)
     lrs = [1e-3 * (i + 1) / 2 if i < 2 else 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (i - 2) / 4)))
            for i in range(6)]
     assert [s["lr"] for s in scalars] == pytest.approx(lrs, rel=1e-12)
-    assert [(i.step, i.steps, i.loss, i.rank) for i in seen] == [(n + 1, 6, loss, 0) for n, loss in enumerate(result.losses)]
+    expected = [(n + 1, 6, loss, 0) for n, loss in enumerate(result.losses)]
+    assert [(i.step, i.steps, i.loss, i.rank) for i in seen] == expected
     assert [i.lr for i in seen] == [s["lr"] for s in scalars]
     assert all(i.tokens == 2 * 32 and i.seconds > 0 for i in seen)
 

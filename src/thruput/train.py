@@ -52,10 +52,6 @@ class StepInfo:
     seconds: float
     rank: int
 
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
 
 def build_model(cfg: RunConfig) -> GPT:
     m = cfg.model
@@ -238,11 +234,11 @@ def train(
     loss and learning rate of every step. ``on_step`` is called after each step (on every rank)
     with a :class:`StepInfo`; ``thruput train`` prints one every ``log_every`` steps.
 
-    With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` that loads is loaded
-    (a newer one that does not gets a ``CheckpointWarning`` and is kept as ``NAME.unloadable``) and the run
-    continues exactly where it stopped: same batches, same optimizer and LR state. Raises
-    FileNotFoundError if there is no checkpoint, ``CheckpointError`` if none loads or the newest
-    that loads does not fit this run (naming the key).
+    With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` that loads is loaded (a
+    newer one that does not gets a ``CheckpointWarning`` and is kept as ``NAME.unloadable``) and
+    the run continues exactly where it stopped: same batches, same optimizer and LR state.
+    Raises FileNotFoundError if there is no checkpoint, ``CheckpointError`` if none loads or the
+    newest that loads does not fit this run (naming the key).
     """
     rank, world = _distributed(cfg.device)
     state, skipped = None, []

@@ -26,7 +26,8 @@ def excluded_steps(document: dict[str, Any]) -> dict[int, str]:
     summary's warm-up steps (the first ones), and steps that compiled (the ``compiles`` counter
     rose, or a new process's first call compiled again: ``calls`` restarted at 1)."""
     steps = document["steps"]
-    out: dict[int, list[str]] = {i: ["warm-up"] for i in range(min(len(steps), document["summary"].get("warmup_steps", 0)))}
+    warmup = min(len(steps), document["summary"].get("warmup_steps", 0))
+    out: dict[int, list[str]] = {i: ["warm-up"] for i in range(warmup)}
     previous: dict[str, float] = {}
     for i, step in enumerate(steps):
         counters = step.get("counters", {})

@@ -99,7 +99,8 @@ class Chart:
     def over_top(self, x: float, text: str) -> None:
         """Mark a value above the y range at ``x``: a triangle at the top edge and its value."""
         cx = self.x(x)
-        self.marks.append(f'<path d="M{cx - 4:.1f},{TOP + 7} L{cx + 4:.1f},{TOP + 7} L{cx:.1f},{TOP} Z" fill="#e4572e"/>'
+        self.marks.append(f'<path d="M{cx - 4:.1f},{TOP + 7} L{cx + 4:.1f},{TOP + 7} L{cx:.1f},{TOP} Z" '
+                          f'fill="#e4572e"/>'
                           f'<text x="{cx + 6:.1f}" y="{TOP + 10}" class="over">{escape(text)}</text>')
 
     def legend(self, items: list[tuple[str, str]]) -> None:

@@ -37,7 +37,8 @@ LEVERS = {
                "states in host memory (2 B/param on the device)",
     "low_precision_states": "bf16 or int8 Adam states (optimizer.state_dtype)",
     "delayed_update": "delayed parameter update: the CPU step overlaps the next step (optimizer.delayed_update_after)",
-    "pinned_memory": "pinned memory and non-blocking copies (thruput.data.Loader); offload copies overlapped per bucket",
+    "pinned_memory": "pinned memory and non-blocking copies (thruput.data.Loader); offload copies overlapped "
+                     "per bucket",
     "compile": "thruput.kernels.compile (kernels.compile): fewer kernel launches, less Python per step",
     "larger_batch": "a larger batch per step (data.batch_size): per-step overhead amortised, higher MFU",
     "fused_cross_entropy": "thruput.kernels.linear_cross_entropy (kernels.fused_cross_entropy): no full logits",
