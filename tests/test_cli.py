@@ -61,3 +61,28 @@ def test_train_with_bad_config_names_key(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "thruput.cli", "train", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "optimizer.lr: expected float" in proc.stderr
+
+
+def test_bench_help_lists_every_benchmark_with_its_description(capsys) -> None:
+    from thruput import benchmarks
+
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--help"])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = lines[lines.index("benchmarks:") + 1:]
+    assert len(listed) == len(benchmarks.names()) >= 8
+    for line, (name, description) in zip(listed, benchmarks.descriptions().items()):
+        assert line.split() == [name, *description.split()]
+    assert benchmarks.descriptions()["profiler"] == benchmarks.available()["profiler"].DESCRIPTION
+
+
+def test_a_failure_of_the_machine_exits_1_on_one_line(monkeypatch, capsys) -> None:
+    import thruput.profile
+
+    def full(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(thruput.profile, "load_json", full)
+    assert main(["report", "x.json"]) == 1
+    assert capsys.readouterr().err == "thruput report: [Errno 28] No space left on device\n"

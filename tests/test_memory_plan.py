@@ -11,29 +11,48 @@ from hypothesis import strategies as st
 from torch import nn
 
 from thruput.memory import OffloadAdamW, largest_model, parse_bytes, plan, render_plan
-from thruput.memory.plan import SPEED_ORDER, infer_shape
+from thruput.errors import InputError
+from thruput.memory.plan import SPEED_ORDER, format_bytes, infer_shape, parse_count
 from thruput.models import GPT, GPTConfig
 
 
 @pytest.mark.parametrize("text, value", [
-    ("7e9", 7_000_000_000), ("24GiB", 24 * 2**30), ("512MB", 512_000_000), ("1.5T", 1_500_000_000_000),
-    ("100", 100), ("2 gib", 2 * 2**30), ("1.3e9", 1_300_000_000), (7e9, 7_000_000_000), ("64KiB", 65536),
+    ("24GiB", 24 * 2**30), ("512MB", 512_000_000), ("1.5TB", 1_500_000_000_000), ("100B", 100),
+    ("2 gib", 2 * 2**30), ("1.5e1GB", 15 * 10**9), (7e9, 7_000_000_000), (2**30, 2**30), ("64KiB", 65536),
 ])
 def test_parse_bytes(text, value):
     assert parse_bytes(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "GiB", "12 parsecs", "-1GB", "1e400", "nan"])
-def test_parse_bytes_rejects_nonsense(text):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("text, match", [
+    ("24", "'24' has no unit: write e.g. 24GiB"), ("7e9", "no unit"), ("24G", "ambiguous: write 24GiB"),
+    ("1.5t", "ambiguous"), ("", "cannot parse"), ("GiB", "cannot parse"), ("12 parsecs", "cannot parse"),
+    ("-1GB", "cannot parse"), ("1e400GB", ">= 0"), ("nan", "cannot parse"), ("7B params", "cannot parse"),
+])
+def test_parse_bytes_needs_a_memory_unit(text, match):
+    with pytest.raises(InputError, match=match):
         parse_bytes(text)
+
+
+@pytest.mark.parametrize("text, value", [
+    ("7B", 7 * 10**9), ("7b", 7 * 10**9), ("350M", 350 * 10**6), ("1.5k", 1500), ("2T", 2 * 10**12),
+    ("7e9", 7 * 10**9), ("7G", 7 * 10**9), ("125000", 125_000), (7e9, 7 * 10**9), (" 13 B ", 13 * 10**9),
+])
+def test_parse_count_reads_k_m_b_t_suffixes(text, value):
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["7GB", "7GiB", "seven", "", "-7B", "7 billion"])
+def test_parse_count_rejects_sizes_and_words(text):
+    with pytest.raises(InputError):
+        parse_count(text)
 
 
 def test_formulas_for_a_7b_model():
     n = 7_000_000_000
     result = plan(n, device_memory=parse_bytes("24GiB"), host_memory=parse_bytes("256GiB"), dtype="bf16",
                   batch_size=1, seq_len=2048, d_model=4096, n_layers=32)
-    none, off, ckpt = result["none"], result["offload"], result["offload+ckpt"]
+    none, off, ckpt = result["no_offload"], result["offload"], result["offload+ckpt"]
     assert none.device_bytes - none.device_parts["activations"] == 16 * n  # 2 + 2 + 4 + 8
     assert off.device_parts["params"] == 2 * n and off.device_parts["grads_in_flight"] == 32 * 2**20
     assert off.host_bytes == 20 * n  # 4 master + 8 states + 4 fp32 grads + 2 + 2 pinned staging
@@ -89,14 +108,14 @@ def _rss() -> int:
 
 def test_adamw_step_memory_growth_matches_the_no_offload_prediction():
     """A real fp32 torch AdamW step: the gradients and the two states appear, 12 B/param on
-    top of the parameters (the ``none`` strategy minus params and activations), within 10%
+    top of the parameters (the ``no_offload`` strategy minus params and activations), within 10%
     (process RSS; allocator slack and page granularity make up the rest)."""
     torch.manual_seed(0)
     # 36 MiB tensors: above glibc's largest mmap threshold, so every new buffer is fresh pages
     # (not heap memory that earlier tests freed) and shows up in RSS.
     params = [nn.Parameter(torch.randn(3072, 3072)) for _ in range(4)]
     predicted = plan(sum(p.numel() for p in params), device_memory=2**40, host_memory=2**40, dtype="fp32",
-                     device_type="cpu")["none"]
+                     device_type="cpu")["no_offload"]
     expected = predicted.device_parts["grads"] + predicted.device_parts["states"]
     opt = torch.optim.AdamW(params, lr=1e-3)
     gc.collect()
@@ -173,6 +192,31 @@ def test_estimate_cli_prints_the_table(capsys):
     assert "cannot parse 'lots'" in capsys.readouterr().err
 
 
+def test_estimate_reads_7b_as_seven_billion_and_needs_a_memory_unit(capsys):
+    from thruput.cli import main
+
+    assert main(["estimate", "--params", "7B", "--device-memory", "24GiB", "--host-memory", "256GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "7B params" in out and "fastest that fits: offload" in out
+    assert main(["estimate", "--params", "7B", "--device-memory", "24"]) == 2
+    err = capsys.readouterr().err
+    assert err == "thruput estimate: '24' has no unit: write e.g. 24GiB (2^30 bytes) or 24GB (10^9 bytes)\n"
+
+
+def test_nothing_fits_names_the_closest_strategy_and_the_limit_it_exceeds():
+    result = plan(70e9, device_memory=24 * 2**30, host_memory=2**50, dtype="bf16", seq_len=2048)
+    assert result.best is None
+    closest = result["offload+ckpt"]  # the smallest device overshoot; the host has room
+    over = closest.device_bytes - 24 * 2**30
+    assert result.headline() == (f"nothing fits; closest is offload+ckpt: device {format_bytes(closest.device_bytes)}"
+                                 f" > 24.0 GiB ({format_bytes(over)} over)")
+    host_bound = plan(7e9, device_memory=2**40, host_memory=2**30)  # no_offload fits the device
+    assert host_bound.best == "no_offload"
+    starved = plan(7e9, device_memory=20 * 2**30, host_memory=100 * 2**30, dtype="bf16")  # 130 GiB of host states
+    assert starved.best is None and starved.headline().startswith("nothing fits; closest is offload+ckpt: host ")
+    assert "device" not in starved.headline()
+
+
 def test_largest_model_ratio_is_bounded_by_the_model_states_and_shrinks_with_activations():
     """ZeRO-Offload's accounting: 16 B/param on the device without offload, 2 with it, so the
     largest-model ratio is at most 8; the activations and the gradient bucket, which both arms
@@ -187,12 +231,12 @@ def test_largest_model_ratio_is_bounded_by_the_model_states_and_shrinks_with_act
     with pytest.raises(KeyError, match="no strategy"):
         largest_model("fastest", device_memory=device)
     for key, suffix in (("ckpt_off", ""), ("ckpt_on", "+ckpt")):
-        for arm in ("none", "offload"):
+        for arm in ("no_offload", "offload"):
             n = rows[key][arm]
             args = dict(device_memory=device, host_memory=2**50, batch_size=4, seq_len=256)
             assert plan(n, **args)[arm + suffix].fits and not plan(int(n * 1.002), **args)[arm + suffix].fits
         # activations grow with the model: the offload arm's model is bigger, so are they
-        assert rows[key]["offload_activation_bytes"] > rows[key]["none_activation_bytes"]
+        assert rows[key]["offload_activation_bytes"] > rows[key]["no_offload_activation_bytes"]
 
 
 def test_offload_device_gradients_hold_at_least_the_largest_parameter_gradient():

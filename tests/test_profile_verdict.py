@@ -118,3 +118,48 @@ def test_unknown_phase_is_rejected() -> None:
     prof = StepProfiler()
     with pytest.raises(ValueError, match="unknown phase 'fwd'"):
         prof.phase("fwd")
+
+
+def _padded_run(useful: int, tokens: int = 100) -> StepProfiler:
+    prof = StepProfiler()
+    for _ in range(4):
+        with prof.step(tokens=tokens, samples=4, useful_tokens=useful):
+            with prof.phase("forward"):
+                _busy(0.01)
+            with prof.phase("backward"):
+                _busy(0.02)
+    return prof
+
+
+def test_padding_of_ten_percent_or_more_names_packing() -> None:
+    v = verdict(_padded_run(useful=45).summary())  # 55% of the positions are padding
+    assert v.bottleneck == "padding-bound"
+    (f,) = v.findings
+    assert f.levers == ["packing"] and f.evidence["padding_ratio"] == pytest.approx(0.55)
+    assert f.lever.startswith("thruput.data packing (data.pack = true)")
+    assert verdict(_padded_run(useful=91).summary()).bottleneck == "compute-bound"  # 9%: below the rule
+    assert verdict(_padded_run(useful=90).summary()).bottleneck == "padding-bound"  # 10%: at it
+
+
+def test_levers_already_on_are_not_recommended() -> None:
+    padded = _padded_run(useful=45).summary()
+    f = verdict(padded, levers_on=["packing"]).findings[0]
+    assert (f.levers, f.already_on) == ([], ["packing"])
+    assert f.lever == "no further thruput lever: packing already on"
+    compute = _padded_run(useful=100).summary()
+    plain = verdict(compute).findings[0]
+    assert plain.levers == ["fused_cross_entropy", "compile", "larger_batch"]
+    tuned = verdict(compute, levers_on=["fused_cross_entropy", "compile", "offload"]).findings[0]
+    assert tuned.levers == ["larger_batch"] and tuned.already_on == ["fused_cross_entropy", "compile"]
+    assert "linear_cross_entropy" not in tuned.lever and "compile" not in tuned.lever
+    slow_opt = verdict(_run(StepProfiler(), 6, opt=0.04), levers_on=["offload"]).findings[0]
+    assert slow_opt.levers == ["low_precision_states", "delayed_update"] and "OffloadAdamW" not in slow_opt.lever
+
+
+def test_run_document_takes_the_levers_from_meta() -> None:
+    from thruput.profile import run_document
+
+    prof = _padded_run(useful=45)
+    prof.meta["levers"] = ["packing"]
+    finding = run_document(prof)["verdict"]["findings"][0]
+    assert finding["already_on"] == ["packing"] and finding["levers"] == []

@@ -1,9 +1,13 @@
 """The reference training loop: exact resumption, checkpoints, profiler wiring."""
+import math
+import os
+
 import pytest
 import torch
 
-from thruput.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from thruput.config import from_dict
+from thruput.checkpoint import (CheckpointError, CheckpointWarning, latest_checkpoint, list_checkpoints,
+                                load_checkpoint, save_checkpoint)
+from thruput.config import ConfigError, from_dict
 from thruput.train import train
 
 
@@ -63,7 +67,7 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 4
     (tmp_path / "step_00000009.pt").write_bytes(b"torn")
-    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+    with pytest.raises(ValueError, match="corrupt or not a checkpoint: 4 bytes that are not a zip archive"):
         load_checkpoint(tmp_path / "step_00000009.pt")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "missing.pt")
@@ -123,3 +127,63 @@ def test_data_parallel_gradients_are_those_of_the_global_token_mean(tmp_path) ->
     import torch.multiprocessing as mp
 
     mp.spawn(_global_mean_worker, args=(str(tmp_path / "init"),), nprocs=2, join=True)
+
+
+def test_loss_and_lr_of_every_step_reach_the_run_document_and_the_hook(tmp_path) -> None:
+    seen = []
+    result = train(_cfg(tmp_path, **{"checkpoint.every": 0}), on_step=seen.append)
+    scalars = [s["scalars"] for s in result.document["steps"]]
+    assert [s["loss"] for s in scalars] == result.losses  # the same floats
+    # Linear warm-up over 2 steps to 1e-3, then cosine to 10% at step 6: the rate each step used.
+    lrs = [1e-3 * (i + 1) / 2 if i < 2 else 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * (i - 2) / 4)))
+           for i in range(6)]
+    assert [s["lr"] for s in scalars] == pytest.approx(lrs, rel=1e-12)
+    expected = [(n + 1, 6, loss, 0) for n, loss in enumerate(result.losses)]
+    assert [(i.step, i.steps, i.loss, i.rank) for i in seen] == expected
+    assert [i.lr for i in seen] == [s["lr"] for s in scalars]
+    assert all(i.tokens == 2 * 32 and i.seconds > 0 for i in seen)
+
+
+def test_unloadable_newest_checkpoint_resumes_from_the_previous_one_bitwise(tmp_path) -> None:
+    """The final checkpoint of a run gets torn, emptied or overwritten with noise: --resume
+    continues from step 3 to the same floats, and keeps the bad file rather than writing over it."""
+    full = train(_cfg(tmp_path / "full"))  # checkpoints at steps 3 and 6
+    good3, good6 = (tmp_path / "full" / "ckpt" / f"step_0000000{n}.pt" for n in (3, 6))
+    for kind, data in {"truncated": good6.read_bytes()[: good6.stat().st_size * 2 // 3], "empty": b"",
+                       "random": os.urandom(good6.stat().st_size)}.items():
+        ckpt = tmp_path / kind / "ckpt"
+        ckpt.mkdir(parents=True)
+        (ckpt / good3.name).write_bytes(good3.read_bytes())
+        (ckpt / good6.name).write_bytes(data)
+        with pytest.warns(CheckpointWarning, match=r"step_00000006.pt does not load \((truncated|empty|corrupt).*\); "
+                                                   r"resuming from step_00000003.pt, the newest that does \(the file "
+                                                   r"is kept as step_00000006.pt.unloadable\)"):
+            resumed = train(_cfg(tmp_path / kind, **{"checkpoint.keep": 1}), resume=True)
+        assert resumed.start_step == 3 and resumed.skipped_checkpoints == [ckpt / good6.name], kind
+        assert resumed.losses == full.losses, kind  # bitwise: steps 4-6 replayed to the same floats
+        assert [s["scalars"]["loss"] for s in resumed.document["steps"]] == full.losses
+        ours, theirs = resumed.model.state_dict(), full.model.state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), kind
+        assert (ckpt / "step_00000006.pt.unloadable").read_bytes() == data  # kept, byte for byte
+        assert [p.name for p in list_checkpoints(ckpt)] == ["step_00000006.pt"]  # the new one; keep = 1
+        assert load_checkpoint(ckpt / "step_00000006.pt")["losses"] == full.losses
+
+
+def test_checkpoint_of_another_run_is_refused_naming_the_key(tmp_path) -> None:
+    train(_cfg(tmp_path, steps=3))
+    with pytest.raises(CheckpointError, match=r"step_00000003.pt does not fit this run: model.d_model is 32 in the "
+                                              r"checkpoint, 64 in this run$"):
+        train(_cfg(tmp_path, steps=6, **{"model.d_model": 64}), resume=True)
+    with pytest.raises(CheckpointError, match=r"data.sources is \['code', 'prose'\] in the checkpoint, \['code'\]"):
+        train(_cfg(tmp_path, steps=6, **{"data.sources": [{"name": "code", "kind": "stdlib_code", "max_files": 20}]}),
+              resume=True)
+    # A checkpoint without the config (written elsewhere, or before it was saved) is checked tensor by tensor.
+    path = latest_checkpoint(tmp_path / "ckpt")
+    state = load_checkpoint(path)
+    del state["config"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"model.embed.weight has shape \(256, 32\) in the checkpoint, "
+                                              r"\(256, 64\) in this run$"):
+        train(_cfg(tmp_path, steps=6, **{"model.d_model": 64}), resume=True)
+    with pytest.raises(ConfigError, match="checkpoint.dir: --resume needs"):
+        train(_cfg(tmp_path, **{"checkpoint.dir": None, "checkpoint.every": 0}), resume=True)

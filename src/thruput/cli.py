@@ -1,10 +1,54 @@
-"""The ``thruput`` command: parse, call the library, print."""
+"""The ``thruput`` command: parse, call the library, print.
+
+Errors are handled in one place, :func:`main`: an exception of a kind listed in ``KNOWN_ERRORS``
+(bad input the user must fix, or a failure of the machine such as a full disk) is printed as
+one line, ``thruput COMMAND: message``, on stderr, and the command exits with that kind's code;
+``--debug`` raises it instead, with its traceback. Any other exception is a bug in thruput or
+below it: it is never reduced to one line, so its traceback always shows. Ctrl-C exits 130.
+Warnings are printed as one line each (``thruput COMMAND: warning: ...``) unless ``--debug``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Any, Callable
+
+EXIT_FAILED = 1  # the run failed for a reason outside its input: disk full, out of memory
+EXIT_BAD_INPUT = 2  # what the user gave is wrong: config, data, checkpoint, file, value (as argparse)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+# (module, type, exit code), most specific first. Looked up in sys.modules: an exception type
+# whose module was never imported cannot have been raised, so nothing is imported to check.
+KNOWN_ERRORS: tuple[tuple[str, str, int], ...] = (
+    ("thruput.errors", "InputError", EXIT_BAD_INPUT),  # checkpoints, planner values, run files
+    ("thruput.config", "ConfigError", EXIT_BAD_INPUT),
+    ("thruput.data.errors", "DataError", EXIT_BAD_INPUT),  # a source, file and line where known
+    ("builtins", "FileNotFoundError", EXIT_BAD_INPUT),
+    ("builtins", "IsADirectoryError", EXIT_BAD_INPUT),
+    ("builtins", "NotADirectoryError", EXIT_BAD_INPUT),
+    ("builtins", "PermissionError", EXIT_BAD_INPUT),
+    ("torch", "OutOfMemoryError", EXIT_FAILED),
+    ("builtins", "MemoryError", EXIT_FAILED),
+    ("builtins", "OSError", EXIT_FAILED),
+)
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The exit code of a known error type (``KNOWN_ERRORS``), or None for a bug."""
+    for module, name, code in KNOWN_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return code
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (its lines joined with " / ")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " / ".join(lines) or type(exc).__name__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -15,27 +59,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from thruput.config import ConfigError, load_config
+    from thruput.config import load_config
+
+    config = load_config(args.config)  # before importing torch: a bad config is reported at once
     from thruput.train import train
 
-    try:
-        config = load_config(args.config)
-        # train() checks the data config (paths, text fields, vocabulary) before it starts
-        train(config, resume=args.resume, show_progress=True, print_report=True)
-    except ConfigError as exc:
-        print(f"thruput train: bad config: {exc}", file=sys.stderr)
-        return 2
+    train(config, resume=args.resume, show_progress=True, print_report=True, on_step=StepLog(config.log_every))
     return 0
+
+
+class StepLog:
+    """``on_step`` hook of ``thruput train``: every ``every`` steps (and at the last one) rank 0
+    prints ``step N/TOTAL  loss L  lr R  tokens/s T``, T over the steps since the last line."""
+
+    def __init__(self, every: int, out: Callable[[str], Any] = print) -> None:
+        self.every, self.out = every, out
+        self.tokens, self.seconds = 0, 0.0
+
+    def __call__(self, info: Any) -> None:  # info: thruput.train.StepInfo
+        if info.rank != 0:
+            return
+        self.tokens += info.tokens
+        self.seconds += info.seconds
+        if info.step % self.every and info.step != info.steps:
+            return
+        rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        self.out(f"step {info.step}/{info.steps}  loss {info.loss:.4f}  lr {info.lr:.3e}  tokens/s {rate:,.0f}")
+        self.tokens, self.seconds = 0, 0.0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from thruput.profile import load_json, render_terminal, save_html, save_trace
 
-    try:
-        document = load_json(args.run)
-    except ValueError as exc:
-        print(f"thruput report: {exc}", file=sys.stderr)
-        return 2
+    document = load_json(args.run)
     render_terminal(document)
     if args.html:
         print(f"HTML report: {save_html(document, args.html)}")
@@ -46,12 +102,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from thruput import benchmarks
+    from thruput.errors import InputError
 
     known = benchmarks.names()
     if args.name not in known:
-        print(f"thruput bench: unknown benchmark {args.name!r}; known: {', '.join(known) or 'none'}",
-              file=sys.stderr)
-        return 2
+        raise InputError(f"unknown benchmark {args.name!r}; known: {', '.join(known) or 'none'}")
     module = benchmarks.available()[args.name]
     parser = argparse.ArgumentParser(prog=f"thruput bench {args.name}", description=module.DESCRIPTION)
     parser.add_argument("--json", metavar="OUT", help="write the figures as JSON to OUT")
@@ -69,62 +124,83 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from thruput.memory.plan import parse_bytes, plan, render_plan
-
-    try:
-        result = plan(
-            parse_bytes(args.params),
-            device_memory=parse_bytes(args.device_memory),
-            host_memory=parse_bytes(args.host_memory) if args.host_memory else None,
-            world_size=args.world_size,
-            dtype=args.dtype,
-            batch_size=args.batch_size,
-            seq_len=args.seq_len,
-            d_model=args.d_model,
-            n_layers=args.n_layers,
-        )
-    except ValueError as exc:
-        print(f"thruput estimate: {exc}", file=sys.stderr)
-        return 2
     from rich.console import Console
 
+    from thruput.memory.plan import parse_bytes, parse_count, plan, render_plan
+
+    result = plan(
+        parse_count(args.params),
+        device_memory=parse_bytes(args.device_memory),
+        host_memory=parse_bytes(args.host_memory) if args.host_memory else None,
+        world_size=args.world_size,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+    )
     Console().print(render_plan(result))
     return 0
+
+
+class _BenchHelp(argparse.Action):
+    """``thruput bench --help``: the usage, then one line per benchmark (read only when asked)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from thruput import benchmarks
+
+        rows = benchmarks.descriptions()
+        width = max(map(len, rows), default=0)
+        parser.epilog = "benchmarks:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows.items())
+        parser.print_help()
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     from thruput import benchmarks
 
+    debug_help = "show the traceback of an error instead of its one-line message"
     parser = argparse.ArgumentParser(prog="thruput", description="Faster PyTorch training, measured.")
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the sub-command; SUPPRESS keeps the sub-parser from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="train the small GPT, baseline against thruput, and report")
+    p = sub.add_parser("demo", parents=[common], help="train the small GPT, baseline against thruput, and report")
     p.add_argument("--out", default="runs/demo", help="folder for the reports (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
     p.add_argument("--tiny", action="store_true", help="a seconds-long version (for tests)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("train", help="train from a TOML config (see examples/)")
+    p = sub.add_parser("train", parents=[common], help="train from a TOML config (see examples/)")
     p.add_argument("config", help="path to the TOML run configuration")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint that loads (newer ones that do not are named)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("report", help="render a saved run (RUN.json) as a table, HTML or trace")
+    p = sub.add_parser("report", parents=[common], help="render a saved run (RUN.json) as a table, HTML or trace")
     p.add_argument("run", help="run document written by the profiler")
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
     p.add_argument("--trace", metavar="OUT", help="also write a Chrome/Perfetto trace")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("bench", help=f"run a benchmark: {', '.join(benchmarks.names())}",
-                       description="thruput bench NAME --json OUT [--quick] [options of NAME]")
+    p = sub.add_parser("bench", parents=[common], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       help=f"run a benchmark: {', '.join(benchmarks.names())}",
+                       description="thruput bench NAME [--json OUT] [--quick] [options of NAME]; "
+                                   "thruput bench NAME --help lists the options of NAME")
+    p.add_argument("-h", "--help", action=_BenchHelp, help="show this help and the benchmarks, and exit")
     p.add_argument("name", help="benchmark name")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("estimate", help="predict device and host memory per strategy (what fits)")
-    p.add_argument("--params", required=True, help="parameter count, e.g. 7e9")
-    p.add_argument("--device-memory", required=True, help="per-device memory, e.g. 24GiB")
-    p.add_argument("--host-memory", help="host memory, e.g. 256GiB (default: this machine's)")
+    p = sub.add_parser("estimate", parents=[common], help="predict device and host memory per strategy (what fits)")
+    p.add_argument("--params", required=True, help="parameter count, e.g. 7B, 350M or 7e9")
+    p.add_argument("--device-memory", required=True, help="per-device memory with its unit, e.g. 24GiB or 80GB")
+    p.add_argument("--host-memory", help="host memory with its unit, e.g. 256GiB (default: this machine's)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="training dtype")
     p.add_argument("--batch-size", type=int, default=1, help="sequences per device")
@@ -136,8 +212,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``thruput`` command; returns its exit code (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = f"thruput {args.command}"
+    with warnings.catch_warnings():  # restores the warning printer when the command returns
+        if not args.debug:
+            def show(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+                print(f"{command}: warning: {one_line(Exception(str(message)))}", file=sys.stderr)
+
+            warnings.showwarning = show
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            if args.debug:
+                raise
+            print(f"{command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as exc:
+            code = exit_code(exc)
+            if code is None or args.debug:
+                raise
+            print(f"{command}: {one_line(exc)}", file=sys.stderr)
+            return code
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def variant_config(setup: DemoSetup, levers: tuple[str, ...], *, name: str, rows
         "seed": setup.seed,
         "steps": steps,
         "model": setup.model,
-        "data": {"seq_len": setup.seq_len, "batch_size": rows, "pack": True, "workers": 1,
+        # The baseline's rows come from its own padded loader (``loader_for``): its config says so.
+        "data": {"seq_len": setup.seq_len, "batch_size": rows, "pack": "data_plane" in levers, "workers": 1,
                  "sources": _sources(setup, token_shares if "data_plane" in levers else None)},
         "optimizer": {"kind": "offload_adamw" if "offload" in levers else "adamw", "lr": setup.lr,
                       "warmup_steps": setup.warmup_steps},

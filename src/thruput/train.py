@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -16,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from thruput.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from thruput.config import RunConfig, to_dict
+from thruput.checkpoint import check_same_run, load_newest, restore, save_checkpoint
+from thruput.config import ConfigError, RunConfig, to_dict
 from thruput.data_config import build_sources, build_tokenizer, check_data
 from thruput.models import GPT, GPTConfig
 from thruput.profile import ClockSampler, StepProfiler, lookup_peak, measure_cpu_peak, run_document
@@ -35,6 +36,22 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     model: torch.nn.Module | None = None
     useful_tokens: int = 0  # labelled (non-padding) positions trained on, all ranks
+    skipped_checkpoints: list[Path] = field(default_factory=list)  # newer ones that did not load
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``train(on_step=...)`` is told after each step: the step number (1-based), the
+    run's last step, this rank's loss and positions, the learning rate the step used and the
+    step's host wall time in seconds."""
+
+    step: int
+    steps: int
+    loss: float
+    lr: float
+    tokens: int
+    seconds: float
+    rank: int
 
 
 def build_model(cfg: RunConfig) -> GPT:
@@ -179,15 +196,29 @@ def train(
     print_report: bool = False,
     stop_after: int | None = None,
     loader_factory: Callable[[RunConfig, int, int], Any] | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> TrainResult:
     """Run ``cfg.steps`` training steps (or stop after ``stop_after`` steps, for tests of
-    interrupted runs) and return losses and the profiler's run document.
+    interrupted runs) and return losses and the profiler's run document, which records the
+    loss and learning rate of every step. ``on_step`` is called after each step (on every rank)
+    with a :class:`StepInfo`; ``thruput train`` prints one every ``log_every`` steps.
 
-    With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` is loaded and the run
-    continues exactly where it stopped: same batches, same optimizer and LR state.
+    With ``resume=True`` the newest checkpoint in ``cfg.checkpoint.dir`` that loads is loaded (a
+    newer one that does not gets a ``CheckpointWarning`` and is kept as ``NAME.unloadable``) and
+    the run continues exactly where it stopped: same batches, same optimizer and LR state.
+    Raises FileNotFoundError if there is no checkpoint, ``CheckpointError`` if none loads or the
+    newest that loads does not fit this run (naming the key).
     """
     check_data(cfg)  # a wrong path, field or vocabulary fails here, before workers or the model
     rank, world = _distributed(cfg.device)
+    state, skipped = None, []
+    if resume:  # first, so that a missing or foreign checkpoint is reported before any set-up
+        if not cfg.checkpoint.dir:
+            raise ConfigError("checkpoint.dir: --resume needs the folder of the checkpoints")
+        # Warns for each newer file that does not load; rank 0 renames those aside (other ranks
+        # reading meanwhile skip them all the same).
+        path, state, skipped = load_newest(cfg.checkpoint.dir, set_aside=rank == 0)
+        check_same_run(path, state, to_dict(cfg))
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     model = build_model(cfg).to(device)
@@ -220,32 +251,25 @@ def train(
                         enabled=cfg.profile.enabled)
     prof.meta.update({"config": to_dict(cfg), "rank": rank, "world_size": world,
                       "params": model.num_params(non_embedding=False), "optimizer": type(optimizer).__name__,
-                      "data_backend": getattr(loader, "stats", dict)().get("backend", type(loader).__name__)})
+                      "data_backend": getattr(loader, "stats", dict)().get("backend", type(loader).__name__),
+                      "levers": _levers_on(cfg, comm is not None, loader_factory is None)})
 
-    result = TrainResult(model=model)
+    result = TrainResult(model=model, skipped_checkpoints=skipped)
     step = 0
-    if resume:
-        if not cfg.checkpoint.dir:
-            raise ValueError("--resume needs checkpoint.dir in the config")
-        path = latest_checkpoint(cfg.checkpoint.dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.checkpoint.dir}")
-        state = load_checkpoint(path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        prof.load_state_dict(state["profiler"])
-        step = result.start_step = int(state["step"])
-        result.losses = list(state["losses"])
-        result.useful_tokens = int(state["useful_tokens"])
-        prof.meta["resumed_from"] = {"checkpoint": str(path), "step": step}
-
-    progress = _progress(cfg, step) if show_progress and rank == 0 else None
-    batches = prof.wrap_loader(loader)
-    end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
-    try:
+    progress = None
+    try:  # from here on the loader is closed however the run ends
+        if state is not None:
+            restore(path, state, {"model": model, "optimizer": optimizer, "scheduler": scheduler, "loader": loader,
+                                  "profiler": prof}, entries=("step", "losses", "useful_tokens"))
+            step = result.start_step = int(state["step"])
+            result.losses = list(state["losses"])
+            result.useful_tokens = int(state["useful_tokens"])
+            prof.meta["resumed_from"] = {"checkpoint": str(path), "step": step, "skipped": list(map(str, skipped))}
+        progress = _progress(cfg, step) if show_progress and rank == 0 else None
+        batches = prof.wrap_loader(loader)
+        end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
         while step < end:
+            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]  # the rate this step uses
             with prof.step(tokens=0, samples=0) as record:
                 batch = next(batches)
                 with prof.phase("h2d"):
@@ -284,6 +308,11 @@ def train(
             step += 1
             result.losses.append(loss.item())
             result.useful_tokens += step_useful
+            prof.record_scalar("loss", result.losses[-1])
+            prof.record_scalar("lr", lr)
+            if on_step is not None:
+                on_step(StepInfo(step, cfg.steps, result.losses[-1], lr, batch["input_ids"].numel(),
+                                 time.perf_counter() - t0, rank))
             if progress is not None:
                 progress.advance(loss=result.losses[-1])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
@@ -340,8 +369,19 @@ def _save(cfg: RunConfig, step: int, rank: int, sharded: bool, model: torch.nn.M
         optimizer.flush()  # OffloadAdamW: a delayed update lands before the weights are saved
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "loader": loader.state_dict(), "profiler": prof.state_dict(),
-             "losses": list(result.losses), "useful_tokens": result.useful_tokens}
+             "losses": list(result.losses), "useful_tokens": result.useful_tokens, "config": to_dict(cfg)}
     return save_checkpoint(state, cfg.checkpoint.dir, step, keep=cfg.checkpoint.keep) if rank == 0 else None
+
+
+def _levers_on(cfg: RunConfig, comm_overlap: bool, own_loader: bool) -> list[str]:
+    """The verdict's lever names this run has on (``thruput.profile.verdict.LEVERS``); packing
+    only when the rows come from thruput's own loader (a ``loader_factory`` may not pack)."""
+    offload = cfg.optimizer.kind == "offload_adamw"
+    on = {"packing": own_loader and cfg.data.pack, "fused_cross_entropy": cfg.kernels.fused_cross_entropy,
+          "compile": cfg.kernels.compile, "offload": offload, "comm_overlap": comm_overlap,
+          "low_precision_states": offload and cfg.optimizer.state_dtype != "fp32",
+          "delayed_update": offload and cfg.optimizer.delayed_update_after is not None}
+    return sorted(name for name, value in on.items() if value)
 
 
 class _progress:

@@ -121,7 +121,7 @@ def _arm_memory(name: str, shape: dict[str, int], impl: str) -> dict[str, Any]:
     state_dtype = name.removeprefix("offload_") if offload else "fp32"
     predicted = plan(model, device_memory=2**40, host_memory=2**50, dtype="bf16" if cuda else "fp32",
                      state_dtype=state_dtype, batch_size=shape["batch"], seq_len=shape["seq_len"],
-                     device_type=batch.device.type)["offload" if offload else "none"]
+                     device_type=batch.device.type)["offload" if offload else "no_offload"]
     if offload:
         out["kernel"] = opt.kernel
         out["host_bytes_measured"] = opt.host_bytes()
@@ -171,13 +171,13 @@ def largest_models(device_memory: int, batch: int, seq_len: int) -> dict[str, di
     out = {}
     for key, suffix in (("ckpt_off", ""), ("ckpt_on", "+ckpt")):
         row: dict[str, Any] = {}
-        for arm in ("none", "offload"):
+        for arm in ("no_offload", "offload"):
             n = largest_model(arm + suffix, device_memory=device_memory, batch_size=batch, seq_len=seq_len)
             est = plan(max(n, 1), device_memory=device_memory, host_memory=2**50, dtype="bf16",
                        batch_size=batch, seq_len=seq_len)[arm + suffix]
             row[arm] = n
             row[f"{arm}_activation_bytes"] = est.device_parts["activations"]
-        row["ratio"] = row["offload"] / max(1, row["none"])
+        row["ratio"] = row["offload"] / max(1, row["no_offload"])
         out[key] = row
     return out
 
@@ -231,8 +231,8 @@ def run(args: argparse.Namespace) -> dict:
     console.print(f"planner: largest bf16 model on a {args.device_memory} device at batch {shape['batch']} x "
                   f"seq {shape['seq_len']} (goal >= 8x; model states alone bound it at {MODEL_STATE_BOUND:.0f}x):")
     for key, row in largest.items():
-        console.print(f"  activation checkpointing {key.removeprefix('ckpt_')}: AdamW {row['none'] / 1e9:.2f}B "
-                      f"(activations {format_bytes(row['none_activation_bytes'])}), offload "
+        console.print(f"  activation checkpointing {key.removeprefix('ckpt_')}: AdamW {row['no_offload'] / 1e9:.2f}B "
+                      f"(activations {format_bytes(row['no_offload_activation_bytes'])}), offload "
                       f"{row['offload'] / 1e9:.2f}B (activations {format_bytes(row['offload_activation_bytes'])}): "
                       f"{row['ratio']:.2f}x")
     console.print("  below 8x: activations grow with width x depth and, like the gradient bucket, are device "

@@ -5,9 +5,9 @@ All figures are bytes. Notation: ``P`` parameters in the model, ``T`` of them tr
 Adam state per trainable parameter (fp32 states: 8; bf16: 4; int8: 2 plus two fp32 scales per
 block), ``W`` data-parallel ranks, ``B`` the offload gradient bucket size.
 
-Model states, per device (the no-offload rows are torch AdamW, fp32 states):
+Model states, per device (the ``no_offload`` rows are plain torch AdamW, fp32 states):
 
-* ``none``: ``P*p`` params + ``T*p`` grads + ``T*4`` fp32 master (only when ``p != 4``) +
+* ``no_offload``: ``P*p`` params + ``T*p`` grads + ``T*4`` fp32 master (only when ``p != 4``) +
   ``T*8`` states: 16 bytes/param in bf16 (2 + 2 + 4 + 8) and in fp32 (4 + 4 + 8).
 * ``offload`` (:class:`~thruput.memory.OffloadAdamW`): ``P*p`` params + ``min(T*p, B)``
   gradients in flight (each gradient leaves the device as soon as it is accumulated), or, for
@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from thruput.errors import InputError
+
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ACTIVATION_K_PER_BYTE = 17  # k = 17 * p: 34 bytes/token/layer/width at 2-byte activations
 INT8_BLOCK = 256  # elements per int8 state block (one fp32 scale per moment per block)
@@ -49,28 +51,56 @@ INT8_BLOCK = 256  # elements per int8 state block (one fp32 scale per moment per
 # Fastest first. Recomputation costs about a third more compute on every step; offload adds a
 # CPU step and PCIe traffic that only hide behind large batches, so checkpointing is preferred
 # over offload, and ZeRO-2 (CPU step on 1/W of the parameters) over plain offload.
-SPEED_ORDER = ("none", "none+ckpt", "offload+zero2", "offload", "offload+zero2+ckpt", "offload+ckpt")
+STRATEGIES = ("no_offload", "no_offload+ckpt", "offload", "offload+ckpt", "offload+zero2", "offload+zero2+ckpt")
+SPEED_ORDER = ("no_offload", "no_offload+ckpt", "offload+zero2", "offload", "offload+zero2+ckpt", "offload+ckpt")
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+_NUMBER = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 
 def parse_bytes(text: str | int | float) -> int:
-    """Parse ``"7e9"``, ``"24GiB"``, ``"512MB"``, ``"1.5T"`` or a number into an integer.
+    """Parse a memory size with its unit, e.g. ``"24GiB"``, ``"512MB"``, ``"1.5 TiB"``, into bytes.
 
-    K/M/G/T (with or without B) are powers of 1000, KiB/MiB/GiB/TiB powers of 1024; case is
-    ignored. Also used for parameter counts (``"7B"`` would read as 7 GB, so write ``7e9`` or
-    ``7G``). Raises ``ValueError`` for anything else, or a negative value.
+    KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024, B is bytes; case is
+    ignored. A number (``int``/``float``, not text) is taken as bytes. Raises ``InputError`` (a
+    ValueError) for text without a unit (``"24"``), a bare prefix (``"24G"``: GiB or GB?),
+    anything else, or a negative value.
     """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-        if not match or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"cannot parse {text!r} as a size: expected e.g. 7e9, 24GiB, 512MB, 1.5T")
-        value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+        return _finite(float(text), text)
+    match = _NUMBER.fullmatch(str(text))
+    unit = match.group(2).lower() if match else ""
+    if match and unit in _BYTE_UNITS:
+        return _finite(float(match.group(1)) * _BYTE_UNITS[unit], text)
+    if match and not unit:
+        raise InputError(f"{text!r} has no unit: write e.g. {match.group(1)}GiB (2^30 bytes) or "
+                         f"{match.group(1)}GB (10^9 bytes)")
+    if match and unit in ("k", "m", "g", "t"):
+        raise InputError(f"{text!r} is ambiguous: write {match.group(1)}{unit.upper()}iB (powers of 1024) or "
+                         f"{match.group(1)}{unit.upper()}B (powers of 1000)")
+    raise InputError(f"cannot parse {text!r} as a memory size: expected e.g. 24GiB, 512MB, 1.5TiB")
+
+
+def parse_count(text: str | int | float) -> int:
+    """Parse a count such as a number of parameters: ``"7B"``, ``"350M"``, ``"1.5k"``, ``"7e9"``.
+
+    K, M, B (or G) and T are thousand, million, billion and trillion; case is ignored. Raises
+    ``InputError`` (a ValueError) for anything else (a byte unit such as ``"7GB"`` too), or a
+    negative value.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return _finite(float(text), text)
+    match = _NUMBER.fullmatch(str(text))
+    if not match or match.group(2).lower() not in _COUNT_SUFFIXES:
+        raise InputError(f"cannot parse {text!r} as a count: expected e.g. 7B, 350M, 1.5k or 7e9")
+    return _finite(float(match.group(1)) * _COUNT_SUFFIXES[match.group(2).lower()], text)
+
+
+def _finite(value: float, text: object) -> int:
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"size must be a finite number >= 0, got {text!r}")
+        raise InputError(f"expected a finite number >= 0, got {text!r}")
     return int(round(value))
 
 
@@ -82,7 +112,7 @@ def state_bytes_per_param(state_dtype: str) -> float:
         return 4.0
     if state_dtype == "int8":
         return 2.0 + 8.0 / INT8_BLOCK
-    raise ValueError(f"state_dtype must be 'fp32', 'bf16' or 'int8', got {state_dtype!r}")
+    raise InputError(f"state_dtype must be 'fp32', 'bf16' or 'int8', got {state_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,27 @@ class MemoryPlan:
             if s.name == name:
                 return s
         raise KeyError(f"no strategy {name!r}; have {[s.name for s in self.strategies]}")
+
+    def over_limits(self, estimate: StrategyEstimate) -> list[str]:
+        """The limits ``estimate`` exceeds, e.g. ``["device 30.1 GiB > 24.0 GiB (6.1 GiB over)"]``."""
+        out = []
+        for where, need, have in (("device", estimate.device_bytes, self.device_memory),
+                                  ("host", estimate.host_bytes, self.host_memory)):
+            if need > have:
+                out.append(f"{where} {format_bytes(need)} > {format_bytes(have)} ({format_bytes(need - have)} over)")
+        return out
+
+    def headline(self) -> str:
+        """``"fastest that fits: NAME"``, or, when nothing fits, the strategy that comes closest
+        (the smallest overshoot of either limit, relative to it) and the limits it exceeds."""
+        if self.best is not None:
+            return f"fastest that fits: {self.best}"
+        def overshoot(s: StrategyEstimate) -> tuple[float, float]:
+            ratios = (s.device_bytes / self.device_memory, s.host_bytes / self.host_memory)
+            return max(ratios), sum(ratios)
+
+        closest = min((s for s in self.strategies if s.applicable), key=overshoot)
+        return f"nothing fits; closest is {closest.name}: {' and '.join(self.over_limits(closest))}"
 
 
 def infer_shape(n_params: int, d_model: int | None = None, n_layers: int | None = None) -> tuple[int, int]:
@@ -180,7 +231,7 @@ def plan(
     ``device_type="cpu"`` drops the pinned gradient staging that only CUDA needs. The result's
     ``best`` is the first strategy of ``SPEED_ORDER`` that fits, or None.
 
-    Raises ``ValueError`` for a non-positive size or count, an unknown dtype or state dtype.
+    Raises ``InputError`` (a ValueError) for a non-positive size or count, an unknown dtype or state dtype.
     """
     if isinstance(model_or_params, torch.nn.Module):
         n_params, n_trainable, largest, cfg_d, cfg_l = _model_counts(model_or_params)
@@ -190,19 +241,19 @@ def plan(
         n_params = n_trainable = int(model_or_params)
         largest = 0  # unknown: the bucket bounds the gradients in flight
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+        raise InputError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
     checks = {"parameter count": n_params, "device_memory": device_memory, "world_size": world_size,
               "batch_size": batch_size, "seq_len": seq_len, "bucket_mb": bucket_mb,
               "gpus_per_host": gpus_per_host}
     checks.update({k: v for k, v in (("d_model", d_model), ("n_layers", n_layers)) if v is not None})
     for key, value in checks.items():
         if not value > 0:
-            raise ValueError(f"{key} must be positive, got {value}")
+            raise InputError(f"{key} must be positive, got {value}")
     if device_type not in ("cuda", "cpu"):
-        raise ValueError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
+        raise InputError(f"device_type must be 'cuda' or 'cpu', got {device_type!r}")
     host_memory = _available_host_memory() if host_memory is None else host_memory
     if not host_memory > 0:
-        raise ValueError(f"host_memory must be positive, got {host_memory}")
+        raise InputError(f"host_memory must be positive, got {host_memory}")
     d_model, n_layers = infer_shape(n_params, d_model, n_layers)
 
     P, T, W, p = n_params, n_trainable, world_size, DTYPE_BYTES[dtype]
@@ -217,7 +268,7 @@ def plan(
     ranks_per_host = min(W, gpus_per_host)
 
     def states_parts(kind: str) -> tuple[dict[str, int], dict[str, int]]:
-        if kind == "none":
+        if kind == "no_offload":
             return ({"params": P * p, "grads": T * p, "master": T * 4 if p != 4 else 0, "states": T * 8}, {})
         if kind == "offload":
             return {"params": P * p, "grads_in_flight": max(min(T * p, bucket), largest * p)}, offload_host
@@ -226,7 +277,7 @@ def plan(
                 {k: -(-v // W) for k, v in offload_host.items()})
 
     estimates = []
-    for name in ("none", "none+ckpt", "offload", "offload+ckpt", "offload+zero2", "offload+zero2+ckpt"):
+    for name in STRATEGIES:
         kind, ckpt = name.removesuffix("+ckpt"), name.endswith("+ckpt")
         dev, host = states_parts(kind)
         dev = {**dev, "activations": acts[ckpt]}
@@ -272,21 +323,33 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def format_count(n: float) -> str:
+    """``n`` with a K/M/B/T suffix and 3 significant digits, e.g. ``"7.00B"``, ``"350M"``."""
+    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
 def render_plan(result: MemoryPlan):  # -> rich.table.Table (rich imported lazily)
-    """A rich Table: one row per strategy with device/host bytes, bytes per param and fit."""
+    """A rich Table: one row per strategy with device/host bytes, bytes per param and fit (the
+    limit a strategy exceeds); the caption is :meth:`MemoryPlan.headline`. ``no_offload`` is
+    plain torch AdamW."""
     from rich.table import Table
 
-    title = (f"{result.n_params:.3g} params ({result.n_trainable:.3g} trainable), {result.dtype}, "
+    title = (f"{format_count(result.n_params)} params ({format_count(result.n_trainable)} trainable), {result.dtype}, "
              f"{result.state_dtype} Adam states, world {result.world_size}, batch {result.batch_size}x"
              f"{result.seq_len}, d_model {result.d_model}, {result.n_layers} layers; device "
              f"{format_bytes(result.device_memory)}, host {format_bytes(result.host_memory)}")
-    table = Table(title=title, caption=f"fastest that fits: {result.best or 'nothing fits'}")
+    table = Table(title=title, caption=result.headline())
     table.add_column("strategy", no_wrap=True)
     for col in ("device", "states B/param", "host", "host B/param", "fits"):
         table.add_column(col, justify="right")
     for s in result.strategies:
         model_states = s.device_bytes - s.device_parts["activations"]
-        fits = "[green]yes[/]" if s.fits else ("[dim]n/a[/]" if not s.applicable else "[red]no[/]")
+        over = [limit.split()[0] for limit in result.over_limits(s)]
+        over_text = "both" if len(over) == 2 else "".join(over)
+        fits = "[green]yes[/]" if s.fits else ("[dim]n/a[/]" if not s.applicable else f"[red]no ({over_text})[/]")
         name = f"[bold]{s.name}[/]" if s.name == result.best else s.name
         table.add_row(name, format_bytes(s.device_bytes), f"{model_states / result.n_params:.2f}",
                       format_bytes(s.host_bytes), f"{s.host_bytes / result.n_params:.2f}", fits)

@@ -6,13 +6,16 @@ The JSON run document is the one format every other report is rendered from
     {
       "schema": "thruput.run/1",
       "name": str,                      # run name (user data: escaped wherever rendered)
-      "meta": {str: any},               # device, model, config, thruput version, ...
+      "meta": {str: any},               # device, model, config, thruput version, ...;
+                                        # "levers": [str], names of verdict.LEVERS that are on
       "phases": [str],                  # phase names in display order
       "steps": [{                       # one per profiled step, warm-up included
           "step": int, "start_s": float,  # start relative to the first step, seconds
           "time_s": float, "phases": {phase: seconds}, "tokens": int, "samples": int,
           "useful_tokens": int, "flops": float|null, "memory_bytes": int,
-          "counters": {str: float},
+          "counters": {str: float},     # set during the step; "compiles" (cumulative, from
+                                        # thruput.kernels.compile) marks the steps that compiled
+          "scalars": {str: float},      # read after the step: "loss", "lr" (thruput train)
           "clock": {source: {"samples": int, "mean_<metric>": float, "throttled_share": float,
                              "reasons": [str]}}
       }],
@@ -20,7 +23,9 @@ The JSON run document is the one format every other report is rendered from
                                         # samples_per_s, tokens_per_s, useful_tokens_per_s,
                                         # phase_share, mfu|null, peak_memory_bytes, clocks{...}
       "verdict": {"bottleneck": str, "conflicting": bool,
-                  "findings": [{"bottleneck", "score", "evidence", "lever"}]},
+                  "findings": [{"bottleneck", "score", "evidence", "lever",
+                                "levers": [str],       # recommended (names of verdict.LEVERS)
+                                "already_on": [str]}]},  # would help, but on already
       "clocks": {"sources": {source: {"available", "detail", "clock_metric"}},
                  "series": {source: {"t": [s], metric: [values], "throttle_reasons": [[str]]}}}
                 | null
@@ -41,6 +46,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from thruput.errors import InputError
 from thruput.profile.steps import PHASES, StepProfiler
 from thruput.profile.verdict import verdict
 
@@ -61,14 +67,15 @@ def run_document(profiler: StepProfiler, name: str = "run", meta: dict[str, Any]
     if clocks is not None:
         for series in clocks["series"].values():
             series["t"] = [t - origin for t in series["t"]]
+    meta = {**profiler.meta, **(meta or {})}
     return {
         "schema": SCHEMA,
         "name": name,
-        "meta": {**profiler.meta, **(meta or {})},
+        "meta": meta,
         "phases": list(PHASES),
         "steps": steps,
         "summary": summary,
-        "verdict": verdict(summary).to_dict(),
+        "verdict": verdict(summary, meta.get("levers") or ()).to_dict(),
         "clocks": clocks,
     }
 
@@ -85,17 +92,18 @@ def save_json(document: dict[str, Any], path: str | os.PathLike) -> Path:
 
 
 def load_json(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a run document; a missing file or another schema is a ValueError naming it."""
+    """Read a run document; a missing file, bad JSON or another schema is an InputError (a
+    ValueError) naming it."""
     path = Path(path)
     try:
         document = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ValueError(f"run file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise InputError(f"run file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         found = document.get("schema") if isinstance(document, dict) else type(document).__name__
-        raise ValueError(f"{path}: expected schema {SCHEMA!r}, found {found!r}")
+        raise InputError(f"{path}: expected schema {SCHEMA!r}, found {found!r}")
     return document
 
 
@@ -155,11 +163,21 @@ def render_terminal(document: dict[str, Any], console: Console | None = None) ->
     style = "yellow" if v["conflicting"] else "green"
     console.print(f"[bold {style}]verdict: {v['bottleneck']}[/]")
     for f in v["findings"]:
-        evidence = ", ".join(f"{k}={_fmt_value(val)}" for k, val in f["evidence"].items())
-        console.print(f"  - {f['bottleneck']} ({evidence}) -> {f['lever']}", markup=False)
+        evidence = ", ".join(f"{k}={format_evidence(k, val)}" for k, val in f["evidence"].items())
+        on = f.get("already_on") or []
+        on_note = f" (on already: {', '.join(on)})" if on and f.get("levers") else ""
+        console.print(f"  - {f['bottleneck']} ({evidence}) -> {f['lever']}{on_note}", markup=False)
 
 
-def _fmt_value(value: Any) -> str:
+def format_evidence(key: str, value: Any) -> str:
+    """A verdict evidence value for display: shares and ratios as percentages, bytes in binary
+    units, other floats to 3 significant digits, long lists cut."""
+    if isinstance(value, float) and (key.endswith(("_share", "_ratio")) or key == "mfu"):
+        return f"{value:.1%}"
+    if isinstance(value, (int, float)) and key.endswith("_bytes"):
+        return _fmt_bytes(value)
     if isinstance(value, float):
         return f"{value:.3g}"
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{', '.join(map(str, value[:8]))}, ... {len(value) - 8} more]"
     return str(value)

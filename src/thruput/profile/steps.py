@@ -50,6 +50,7 @@ class StepRecord:
     counters: dict[str, float] = field(default_factory=dict)
     clock: dict[str, dict] = field(default_factory=dict)
     host_end: float = 0.0
+    scalars: dict[str, float] = field(default_factory=dict)  # values known after the step: loss, lr
 
 
 class _Phase:
@@ -86,7 +87,7 @@ class _Step:
     """Context manager for one step; collects phase times until the step is resolved."""
 
     __slots__ = ("prof", "index", "tokens", "samples", "useful_tokens", "flops", "phases",
-                 "events", "counters", "t0", "t1", "start_event", "end_event", "memory_bytes")
+                 "events", "counters", "scalars", "t0", "t1", "start_event", "end_event", "memory_bytes")
 
     def __init__(self, prof: "StepProfiler", index: int, tokens: int, samples: int,
                  useful_tokens: int | None, flops: float | None) -> None:
@@ -97,6 +98,7 @@ class _Step:
         self.phases: dict[str, float] = {}
         self.events: list[tuple[str, Any, Any]] = []
         self.counters: dict[str, float] = {}
+        self.scalars: dict[str, float] = {}
         self.start_event = self.end_event = None
 
     def __enter__(self) -> "_Step":
@@ -121,6 +123,7 @@ class _Step:
         else:
             self.memory_bytes = rss_bytes()
         prof._pending.append(self)
+        prof._last_scalars = self.scalars
         prof._resolve(block=False)
 
 
@@ -158,6 +161,7 @@ class StepProfiler:
         self.meta: dict[str, Any] = {}
         self._pending: list[_Step] = []
         self._open: _Step | None = None
+        self._last_scalars: dict[str, float] | None = None
         self._next_index = 0
         self._rss_window = enabled and not self._cuda and reset_peak_rss()
         if clocks is not None and enabled:
@@ -195,6 +199,13 @@ class StepProfiler:
         """Attach a number to the open step (recompiles, padding ratio, ...)."""
         if self._open is not None:
             self._open.counters[name] = float(value)
+
+    def record_scalar(self, name: str, value: float) -> None:
+        """Attach a number to the newest finished step, for values read after it ends (the
+        loss once ``.item()`` is called, the learning rate); the reports plot ``loss`` and
+        ``lr``. A no-op before the first step."""
+        if self._last_scalars is not None:
+            self._last_scalars[name] = float(value)
 
     def wrap_loader(self, iterable: Iterable) -> Iterator:
         """Yield from ``iterable``, timing each blocking ``next()`` as ``data_wait``."""
@@ -237,7 +248,7 @@ class StepProfiler:
                 phases={p: phases.get(p, 0.0) for p in PHASES}, tokens=pending.tokens,
                 samples=pending.samples, useful_tokens=pending.useful_tokens, flops=flops,
                 memory_bytes=pending.memory_bytes, counters=pending.counters, clock=clock,
-                host_end=pending.t1,
+                host_end=pending.t1, scalars=pending.scalars,
             ))
 
     def finish(self) -> None:
@@ -302,7 +313,7 @@ class StepProfiler:
             "samples_per_s": sum(r.samples for r in records) / total,
             "tokens_per_s": sum(r.tokens for r in records) / total,
             "useful_tokens_per_s": sum(r.useful_tokens for r in records) / total,
-            "padding_ratio": 1 - sum(r.useful_tokens for r in records) / max(1, sum(r.tokens for r in records)),
+            "padding_ratio": _padding_ratio(records),
             "phase_share": {p: phase_totals[p] / total for p in PHASES},
             "phase_median_s": {p: statistics.median(r.phases[p] for r in records) for p in PHASES},
             "achieved_flops": achieved,
@@ -360,6 +371,13 @@ class _NullContext:
 
 
 _NULL = _NullContext()
+
+
+def _padding_ratio(records: list[StepRecord]) -> float:
+    """Share of the positions fed to the model that are padding (exact for exact ratios: the
+    difference is taken in integers)."""
+    tokens = sum(r.tokens for r in records)
+    return (tokens - sum(r.useful_tokens for r in records)) / max(1, tokens)
 
 
 def _quantile(values: list[float], q: float) -> float:
