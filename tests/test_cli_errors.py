@@ -73,10 +73,16 @@ def test_missing_config_and_bad_toml_are_one_line_and_debug_shows_the_traceback(
         assert debug.stderr.rstrip().endswith(f"thruput.config.ConfigError: config file not found: {missing}")
 
 
-def test_malformed_record_during_training_names_source_file_and_line(tmp_path) -> None:
+def test_malformed_record_names_source_file_and_line(tmp_path) -> None:
+    # Among the first records: the data check before training finds it and names the source's key.
     config = _config(tmp_path, [*GOOD[:2], '{"text": "cut off', *GOOD[2:]])
     line = _one_line(_thruput("train", str(config)), EXIT_BAD_INPUT)
-    assert re.fullmatch(rf"thruput train: source 'web': file '{tmp_path / 'web.jsonl'}' line 3: malformed JSON "
+    assert re.fullmatch(rf"thruput train: data.sources\[0\].path: source 'web': file '{tmp_path / 'web.jsonl'}' "
+                        r"line 3: malformed JSON \(.+\)", line), line
+    # Past the records the check reads: the loader's DataError during training, also one line.
+    config = _config(tmp_path, [*GOOD[:20], '{"text": "cut off', *GOOD[20:]], steps=8)
+    line = _one_line(_thruput("train", str(config)), EXIT_BAD_INPUT)
+    assert re.fullmatch(rf"thruput train: source 'web': file '{tmp_path / 'web.jsonl'}' line 21: malformed JSON "
                         r"\(.+\)", line), line
 
 
