@@ -106,5 +106,5 @@ def test_cli_prints_a_bad_data_config_as_one_line(data, capsys):
                     'text_field = "content"\n')
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("thruput train: bad config: data.sources[0].text_field: source 'web': file ")
+    assert err.startswith("thruput train: data.sources[0].text_field: source 'web': file ")
     assert err.endswith("line 1: no field 'content' (fields: text, id)") and "\n" not in err
