@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -241,3 +243,27 @@ def test_lora_trains_only_adapters_with_the_unpatched_loss() -> None:
     assert losses[-1] < losses[0]
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_gradient_checkpointing_and_autocast() -> None:
+    ref, model = pair("llama")
+    patch(model)
+    ids, labels = _labels()
+    for m in (ref, model):
+        m.activation_checkpointing_enable()
+        m.train()
+    model(input_ids=ids, labels=labels).loss.backward()
+    ref(input_ids=ids, labels=labels).loss.backward()
+    _assert_grads_close(model, ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)  # bf16 logits
+
+
+def test_thruput_does_not_import_transformers_and_a_missing_extra_says_what_to_install() -> None:
+    code = ("import sys, thruput\nthruput.linear_cross_entropy, thruput.Loader\n"
+            "assert 'transformers' not in sys.modules, 'transformers imported'\n"
+            "sys.modules['transformers'] = None  # as if the extra were not installed\n"
+            "import thruput.hf\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ImportError: thruput.hf needs transformers >= 5: pip install 'thruput[hf]'" in done.stderr, done.stderr

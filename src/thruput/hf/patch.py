@@ -86,7 +86,7 @@ class PatchedForward:
         return_dict = kwargs.pop("return_dict", None)
         return_dict = getattr(self.model.config, "return_dict", True) if return_dict is None else return_dict
         if not want_logits:  # the LM head runs on no position: the fused loss does its work
-            kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long)
+            kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=targets.device)
         hidden = self._run_capturing_hidden(kwargs)
         out = hidden.pop("output")
         loss = causal_lm_loss(hidden["state"], self._head_weight(), targets, num_items_in_batch=num_items,
