@@ -111,6 +111,7 @@ def test_logits_in_eval_on_request_and_without_labels() -> None:
     asked = model(input_ids=ids, labels=labels, return_logits=True)
     torch.testing.assert_close(asked.logits, want.logits, **TOL)
     torch.testing.assert_close(model(input_ids=ids).logits, want.logits, **TOL)
+    torch.testing.assert_close(model(ids).logits, want.logits, **TOL)  # positional, as in the original
     as_tuple = model(input_ids=ids, labels=labels, return_dict=False)
     torch.testing.assert_close(as_tuple[0], want.loss, **TOL)
 
@@ -231,6 +232,8 @@ def test_lora_trains_only_adapters_with_the_unpatched_loss() -> None:
     model.train()
     torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss,
                                **TOL)
+    batch = _loader_batch()
+    torch.testing.assert_close(model(**batch).loss, ref(**hf_batch(batch)).loss, **TOL)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []

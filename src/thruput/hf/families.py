@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ def family_of(model: nn.Module) -> Family:
 
 def refusals(model: nn.Module, family: Family, *, loss: bool, attention: bool) -> list[str]:
     """Why the asked-for levers cannot be applied to ``model`` (empty: they can)."""
-    from transformers.loss.loss_utils import ForCausalLMLoss
-
     config, name = model.config, type(model).__name__
     problems = []
     checks = (family.loss_blockers if loss else ()) + (family.attention_blockers if attention else ())

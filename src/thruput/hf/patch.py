@@ -37,9 +37,10 @@ class PatchedForward:
 
     def __init__(self, model: nn.Module, options: Options) -> None:
         self.model, self.options = model, options
-        params = inspect.signature(type(model).forward).parameters
-        self.accepted = frozenset(n for n, p in params.items() if n != "self" and p.kind not in (
-            p.VAR_POSITIONAL, p.VAR_KEYWORD)) | _EXTRA_KEYS
+        params = list(self.__signature__.parameters.values())
+        self.positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self.accepted = frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)) \
+            | _EXTRA_KEYS
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -50,10 +51,9 @@ class PatchedForward:
 
     def _keywords(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """Positional arguments named, a Loader batch turned into transformers' keys, keys checked."""
-        names = [n for n in self.__signature__.parameters]
-        if len(args) > len(names):
-            raise TypeError(f"{type(self.model).__name__}.forward() takes {len(names)} positional arguments")
-        for name, value in zip(names, args):
+        if len(args) > len(self.positional):
+            raise TypeError(f"{type(self.model).__name__}.forward() takes {len(self.positional)} positional arguments")
+        for name, value in zip(self.positional, args):
             if name in kwargs:
                 raise TypeError(f"{type(self.model).__name__}.forward() got multiple values for {name!r}")
             kwargs[name] = value
@@ -87,26 +87,25 @@ class PatchedForward:
         return_dict = getattr(self.model.config, "return_dict", True) if return_dict is None else return_dict
         if not want_logits:  # the LM head runs on no position: the fused loss does its work
             kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=targets.device)
-        hidden = self._run_capturing_hidden(kwargs)
-        out = hidden.pop("output")
-        loss = causal_lm_loss(hidden["state"], self._head_weight(), targets, num_items_in_batch=num_items,
+        out, hidden = self._run_keeping_hidden(kwargs)
+        loss = causal_lm_loss(hidden, self._head_weight(), targets, num_items_in_batch=num_items,
                               label_smoothing=self.options.label_smoothing)
         out = type(out)(**{**out, "loss": loss, "logits": out.logits if want_logits else None})
         return out if return_dict else out.to_tuple()
 
-    def _run_capturing_hidden(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Run the model's forward; the decoder's last hidden state (the LM head's input) beside it."""
-        seen: dict[str, Any] = {}
+    def _run_keeping_hidden(self, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor]:
+        """The model's forward output, and the decoder's last hidden state (the LM head's input)."""
+        seen: list[torch.Tensor] = []
 
         def keep(module: nn.Module, args: Any, output: Any) -> None:
-            seen["state"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+            seen.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
         handle = self.model.base_model.register_forward_hook(keep)
         try:
-            seen["output"] = self._original(**kwargs, return_dict=True)
+            out = self._original(**kwargs, return_dict=True)
         finally:
             handle.remove()
-        return seen
+        return out, seen[-1]
 
     def _head_weight(self) -> torch.Tensor:
         head = self.model.get_output_embeddings()
