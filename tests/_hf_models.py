@@ -56,3 +56,11 @@ def pair(name: str, **overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(reference, copy to patch): the same weights, separate objects."""
     ref = tiny(name, **overrides)
     return ref, copy.deepcopy(ref)
+
+
+def left_padded(rows: int, length: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids [rows, length] and an ``attention_mask`` whose row 0 starts with ``pad`` zeros."""
+    ids = torch.randint(1, VOCAB, (rows, length))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    return ids, mask

@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf_models import FAMILIES, VOCAB, WINDOW, pair, tiny  # noqa: E402
+from _hf_models import FAMILIES, VOCAB, WINDOW, left_padded, pair, tiny  # noqa: E402
 
 from thruput.hf import patch  # noqa: E402
 from thruput.hf.attention import document_segments  # noqa: E402
@@ -97,9 +97,7 @@ def test_padding_mask_is_applied() -> None:
     """Left padding known only from ``attention_mask``: the real tokens never see the padding."""
     ref, model = pair("llama")
     patch(model)
-    ids = torch.randint(0, VOCAB, (2, 12))
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
+    ids, mask = left_padded(2, 12, pad=5)
     got = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got[0, 5:], ref(input_ids=ids, attention_mask=mask).logits[0, 5:], **TOL)
     assert (got[0, 5:] - ref(input_ids=ids).logits[0, 5:]).abs().max() > 1e-3
@@ -130,6 +128,28 @@ def test_attention_dropout_follows_training_mode() -> None:
     model.eval()
     dropped = tiny("llama")  # same weights, no dropout
     assert (model(input_ids=ids[:, :7]).logits - dropped(input_ids=ids[:, :7]).logits).abs().max() < 1e-5
+
+
+def test_no_dense_mask_and_work_follows_the_documents(monkeypatch) -> None:
+    """Four documents of 32 in a row of 128: 4 * 32^2 query-key pairs per layer, a quarter of the
+    row's 128^2, and no [T x T] mask is built."""
+    import thruput.hf.attention as attention
+
+    calls = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, **options):
+        calls.append((q.shape[0] * q.shape[2] * k.shape[2], attn_mask))
+        return sdpa(q, k, v, attn_mask=attn_mask, **options)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", recording)
+    _, model = pair("llama")
+    patch(model)
+    ids = torch.randint(0, VOCAB, (1, 128))
+    model(input_ids=ids, position_ids=torch.arange(32).repeat(4)[None])
+    layers = model.config.num_hidden_layers
+    assert sum(n for n, _ in calls) == layers * 4 * 32**2
+    assert all(mask is None for _, mask in calls)
 
 
 def test_document_segments_reads_one_boundary_source() -> None:

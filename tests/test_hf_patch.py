@@ -12,7 +12,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 import transformers as tf  # noqa: E402
-from _hf_models import VOCAB, pair, tiny  # noqa: E402
+from _hf_models import VOCAB, left_padded, pair, tiny  # noqa: E402
 
 from thruput.data import Loader, MemorySource, Plan  # noqa: E402
 from thruput.hf import hf_batch, patch  # noqa: E402
@@ -120,12 +120,10 @@ def test_generate_gives_the_same_tokens() -> None:
     """Greedy, a batch with left padding (the dense-mask path) and past the sliding window."""
     ref, model = pair("mistral")
     patch(model)
-    ids = torch.randint(1, VOCAB, (2, 5))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    ids, mask = left_padded(2, 5, pad=2)
     options = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, attention_mask=mask, **options),
-                               ref.generate(ids, attention_mask=mask, **options))
+                       ref.generate(ids, attention_mask=mask, **options))
     assert torch.equal(model.generate(ids[:1], **options), ref.generate(ids[:1], **options))
 
 

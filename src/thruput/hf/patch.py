@@ -72,6 +72,7 @@ class PatchedForward:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         kwargs = self._keywords(args, kwargs)
+        return_logits = kwargs.pop("return_logits", None)
         if self.options.attention:
             kwargs["thruput_documents"] = _attention.Documents(kwargs.get("position_ids"),
                                                                kwargs.get("cu_seq_lens_q"))
@@ -79,7 +80,6 @@ class PatchedForward:
             return self._original(**kwargs)
         targets = shifted_targets(kwargs.pop("labels", None), kwargs.pop("shift_labels", None))
         num_items = kwargs.pop("num_items_in_batch", None)
-        return_logits = kwargs.pop("return_logits", None)
         if targets is None:
             return self._original(**kwargs)
         want_logits = not self.model.training if return_logits is None else bool(return_logits)
