@@ -1,0 +1,20 @@
+"""Hugging Face transformers: every thruput lever on a causal LM, in the loop you have.
+
+* :func:`patch` -- fused linear cross-entropy and per-document attention on one model instance.
+* :func:`hf_batch` -- a thruput Loader batch in transformers' convention (for any model).
+
+Needs the ``hf`` extra (transformers >= 5): ``pip install 'thruput[hf]'``.
+"""
+try:
+    import transformers
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("thruput.hf needs transformers >= 5: pip install 'thruput[hf]'") from exc
+
+if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
+    raise ImportError(f"thruput.hf needs transformers >= 5, found {transformers.__version__}: "
+                      "pip install 'thruput[hf]'")
+
+from thruput.hf.batch import hf_batch
+from thruput.hf.patch import patch
+
+__all__ = ["hf_batch", "patch"]

@@ -1,0 +1,73 @@
+"""A thruput Loader batch in Hugging Face's convention.
+
+The Loader's ``labels`` are already shifted (``labels[b, t]`` is the target of ``input_ids[b, t]``;
+see ``thruput.data.Loader``); a transformers causal LM shifts ``labels`` again. Its loss also
+accepts ``shift_labels``, targets already shifted, which :func:`hf_batch` passes: unlike
+unshifted ``labels`` they keep the target of each row's last token (the next token of a
+document that continues in another row). The batch's document boundaries become
+transformers' packed-sequence keys, and ``use_cache=False`` keeps an unpatched model's own
+packed-sequence detection on (transformers turns it off when a cache is in use).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from thruput.hf.loss import IGNORE_INDEX
+
+# The keys of a thruput Loader batch. ``shift_labels`` is accepted as the name of the shifted
+# labels too (the name transformers gives them).
+TENSOR_KEYS = frozenset({"input_ids", "labels", "shift_labels", "position_ids", "cu_seqlens", "max_seqlen"})
+METADATA_KEYS = frozenset({"tokens_per_source", "padding_ratio", "documents", "step"})
+LOADER_KEYS = TENSOR_KEYS | METADATA_KEYS
+# Present only in a Loader batch: a call carrying any of them is read as one (``labels`` shifted).
+MARKER_KEYS = frozenset({"cu_seqlens", "max_seqlen"}) | METADATA_KEYS
+
+
+def is_loader_batch(keys: Any) -> bool:
+    """Whether a call's keys are those of a thruput Loader batch (its ``labels`` then are shifted)."""
+    return not MARKER_KEYS.isdisjoint(keys)
+
+
+def unshifted_labels(shift_labels: torch.Tensor) -> torch.Tensor:
+    """transformers' ``labels`` for the targets ``shift_labels``: one to the right, -100 first.
+
+    Shifting them back gives ``shift_labels`` except at each row's last position (lost)."""
+    return torch.cat([torch.full_like(shift_labels[..., :1], IGNORE_INDEX), shift_labels[..., :-1]], dim=-1)
+
+
+def hf_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``model(**hf_batch(batch))`` for any transformers causal LM, patched or not.
+
+    ``batch``: a thruput Loader batch. Returns ``input_ids``, ``position_ids``, ``shift_labels``
+    (the Loader's shifted labels: every target, including each row's last), ``labels`` (the same
+    targets in transformers' unshifted convention, -100 at each row start; the model's loss uses
+    ``shift_labels`` and needs ``labels`` only to be given), ``cu_seq_lens_q``/``cu_seq_lens_k``
+    and ``max_length_q``/``max_length_k`` (from ``cu_seqlens``, ``max_seqlen``) and
+    ``use_cache=False``. Metadata (``documents``, ``step``, ...) is left out.
+
+    Raises ``ValueError`` naming keys that are not a Loader batch's (nothing is dropped silently),
+    and for a batch with both ``labels`` and ``shift_labels``.
+    """
+    unknown = sorted(set(batch) - LOADER_KEYS)
+    if unknown:
+        raise ValueError(f"hf_batch: {unknown} are not keys of a thruput Loader batch "
+                         f"(known: {sorted(LOADER_KEYS)}); pass them to the model separately")
+    if "labels" in batch and "shift_labels" in batch:
+        raise ValueError("hf_batch: the batch has both 'labels' and 'shift_labels'; a Loader batch's "
+                         "shifted labels are one of them")
+    out: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        out["position_ids"] = batch["position_ids"]
+    targets = batch.get("shift_labels", batch.get("labels"))
+    if targets is not None:
+        out["shift_labels"] = targets
+        out["labels"] = unshifted_labels(targets)
+    if "cu_seqlens" in batch:
+        cu = batch["cu_seqlens"].to(torch.int32)
+        out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+        longest = batch.get("max_seqlen")
+        out["max_length_q"] = out["max_length_k"] = int(cu.diff().max()) if longest is None else int(longest)
+    return out
