@@ -268,3 +268,17 @@ def test_thruput_does_not_import_transformers_and_a_missing_extra_says_what_to_i
             "import thruput.hf\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "ImportError: thruput.hf needs transformers >= 5: pip install 'thruput[hf]'" in done.stderr, done.stderr
+
+
+def test_hf_batch_makes_a_continued_piece_boundary_visible_to_an_unpatched_model() -> None:
+    from thruput.hf import hf_batch
+
+    # Row 0: a piece ending at position 2, then a continued piece at 3, 4, 5 (the positions
+    # alone merge them); row 1: a continued piece at 7, 8 after a document at 0..3 (visible).
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 7, 8]])
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 1], [2, 2, 2, 2, 3, 3]], dtype=torch.int32)
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long), "position_ids": position_ids,
+             "segment_ids": segment_ids, "cu_seqlens": torch.tensor([0, 3, 6, 10, 12], dtype=torch.int32)}
+    out = hf_batch(batch)
+    assert out["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 7, 8]]
+    assert "segment_ids" not in out

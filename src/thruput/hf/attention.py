@@ -60,11 +60,7 @@ def document_segments(shape: tuple[int, int], position_ids: torch.Tensor | None 
         return None
     if int(starts.sum()) == b:
         return None
-    # Positions restarting at every document start: unambiguous for Segments whichever rule it
-    # uses for continued positions.
-    index = torch.arange(b * t, device=starts.device)
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(0).values
-    return Segments.from_position_ids((index - first).view(b, t))
+    return Segments.from_ids(segment_ids=starts.view(b, t).cumsum(1))
 
 
 class Documents:

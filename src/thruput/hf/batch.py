@@ -19,7 +19,8 @@ from thruput.hf.loss import IGNORE_INDEX
 
 # The keys of a thruput Loader batch. ``shift_labels`` is accepted as the name of the shifted
 # labels too (the name transformers gives them).
-TENSOR_KEYS = frozenset({"input_ids", "labels", "shift_labels", "position_ids", "cu_seqlens", "max_seqlen"})
+TENSOR_KEYS = frozenset({"input_ids", "labels", "shift_labels", "position_ids", "segment_ids", "cu_seqlens",
+                         "max_seqlen"})
 METADATA_KEYS = frozenset({"tokens_per_source", "padding_ratio", "documents", "step"})
 LOADER_KEYS = TENSOR_KEYS | METADATA_KEYS
 # Present only in a Loader batch: a call carrying any of them is read as one (``labels`` shifted).
@@ -38,6 +39,30 @@ def unshifted_labels(shift_labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.full_like(shift_labels[..., :1], IGNORE_INDEX), shift_labels[..., :-1]], dim=-1)
 
 
+def _visible_boundaries(position_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """``position_ids`` with every piece boundary visible to transformers' packed-sequence rule.
+
+    A piece of a split document continues its document's positions; where it follows, in the
+    same row, a piece that ended just before that position, the positions alone would merge the
+    two (an unpatched model finds documents by positions that do not continue). Such a piece is
+    renumbered from 0; every other position is kept.
+    """
+    if segment_ids is None:
+        return position_ids
+    new_piece = torch.zeros_like(segment_ids, dtype=torch.bool)
+    new_piece[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    hidden = new_piece.clone()
+    hidden[:, 1:] &= position_ids[:, 1:] == position_ids[:, :-1] + 1
+    if not bool(hidden.any()):
+        return position_ids
+    starts = new_piece.clone()
+    starts[:, 0] = True
+    index = torch.arange(position_ids.shape[1], device=position_ids.device).expand_as(position_ids)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+    piece_hidden = torch.gather(hidden, 1, first)  # this position's piece starts invisibly
+    return torch.where(piece_hidden, index - first, position_ids)
+
+
 def hf_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     """``model(**hf_batch(batch))`` for any transformers causal LM, patched or not.
 
@@ -46,7 +71,10 @@ def hf_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     targets in transformers' unshifted convention, -100 at each row start; the model's loss uses
     ``shift_labels`` and needs ``labels`` only to be given), ``cu_seq_lens_q``/``cu_seq_lens_k``
     and ``max_length_q``/``max_length_k`` (from ``cu_seqlens``, ``max_seqlen``) and
-    ``use_cache=False``. Metadata (``documents``, ``step``, ...) is left out.
+    ``use_cache=False``. Metadata (``documents``, ``step``, ...) and ``segment_ids`` (the
+    pieces are in ``cu_seqlens``) are left out; a piece that continues its document's positions
+    right where the previous piece of its row ended is renumbered from 0, so that an unpatched
+    model's packed-sequence rule sees the boundary.
 
     Raises ``ValueError`` naming keys that are not a Loader batch's (nothing is dropped silently),
     and for a batch with both ``labels`` and ``shift_labels``.
@@ -60,7 +88,7 @@ def hf_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
                          "shifted labels are one of them")
     out: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
-        out["position_ids"] = batch["position_ids"]
+        out["position_ids"] = _visible_boundaries(batch["position_ids"], batch.get("segment_ids"))
     targets = batch.get("shift_labels", batch.get("labels"))
     if targets is not None:
         out["shift_labels"] = targets
