@@ -265,3 +265,31 @@ def test_resizing_moves_loaders_between_shared_processes(ray_address):
                 assert got.records.tolist() == want.records.tolist() and got.tokens.tolist() == want.tokens.tolist()
     finally:
         ray.kill(planner)
+
+
+def test_local_instance_listens_on_loopback_only_with_token_auth_and_no_dashboard(ray_address):
+    import ipaddress
+
+    import psutil
+
+    with Loader(make_plan(world_size=1), world_size=1, backend="ray", workers=ray_opts(ray_address)) as loader:
+        next(loader)  # the planner, a loader host and a constructor are running
+        me = psutil.Process()
+        listening = {}
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                name, sockets = p.name(), p.net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                continue
+            for c in sockets:
+                if c.status == psutil.CONN_LISTEN:
+                    listening.setdefault(name, []).append(c.laddr.ip)
+    roles = {n.split(".")[0] for n in listening}  # an actor's process is "ray::Class.method" while it runs one
+    assert {"gcs_server", "raylet", "ray::Planner", "ray::Constructor", "ray::LoaderHost"} <= roles, listening
+    for name, ips in listening.items():
+        for ip in ips:
+            addr = ipaddress.ip_address(ip)
+            assert (getattr(addr, "ipv4_mapped", None) or addr).is_loopback, (name, ip)
+    assert not any("dashboard" in n.lower() for n in listening)  # its agent runs, but serves nothing
+    auth = pytest.importorskip("ray._private.authentication.authentication_utils")
+    assert auth.is_token_auth_enabled()

@@ -1,9 +1,15 @@
 """Source-loader worker processes: the local backend.
 
-Every source has its own pool of worker processes fed from its own task queue. A task is a run
-of stream positions; the worker tokenizes it and puts the tokens in a fresh shared-memory block,
-sending back only its name and the per-document lengths (no per-sample pickling). The consumer
-copies the tokens out and unlinks the block.
+Every source has its own pool of worker processes. The consumer hands each task (a run of
+stream positions) to one worker over that worker's own pipe and keeps, per worker, the tasks it
+has not answered. The worker tokenizes the run and puts the tokens in a fresh shared-memory
+block, sending back only per-document lengths (no per-sample pickling); the consumer copies the
+tokens out and unlinks the block (``worker_process``).
+
+A worker that dies, at any moment, is replaced and its unanswered tasks go to the pool's other
+workers: a chunk is a pure function of (source, seed, positions), so no sample is lost or
+repeated. Its half-written blocks are unlinked. More than ``max_failures`` deaths in one
+source's pool raise ``DataError`` naming the source. Workers die with the consumer's process.
 
 Prefetch is bounded per source (``prefetch_chunks`` tasks in flight, at least two per worker):
 when the consumer stops fetching, workers run dry and wait. As soon as every source has delivered
@@ -15,66 +21,46 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
+import secrets
+import signal
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import connection, resource_tracker
 from typing import Any
 
 import numpy as np
 
 from thruput.data.errors import DataError
 from thruput.data.sources import Source
-from thruput.data.stream import Chunk, StreamOrder, tokenize_chunk
+from thruput.data.stream import Chunk
 from thruput.data.tokenize import Tokenizer
+from thruput.data.worker_process import discard_block, register_block, take_block, worker_main
 
-_POLL_S = 0.2
-
-
-def _worker_main(source: Source, tokenizer: Tokenizer, seed: int, tasks: Any, results: Any) -> None:
-    order = StreamOrder(source, seed)
-    while True:
-        task = tasks.get()
-        if task is None:
-            return
-        start, count = task
-        try:
-            chunk = tokenize_chunk(source, tokenizer, order, start, count)
-        except Exception as exc:
-            message = str(exc) if isinstance(exc, DataError) else f"source '{source.name}': {exc!r}"
-            results.put(("error", start, message))
-            continue
-        name = None
-        if chunk.tokens.size:
-            shm = shared_memory.SharedMemory(create=True, size=chunk.tokens.nbytes)
-            np.ndarray(chunk.tokens.shape, np.int32, buffer=shm.buf)[:] = chunk.tokens
-            name = shm.name
-            shm.close()
-        results.put(("ok", start, chunk.records, chunk.lengths, chunk.skipped, chunk.cpu_s, name, chunk.tokens.size))
+_POLL_S = 0.2  # how often a waiting fetch() checks that the backend is still open
+_STOP_S = 2.0  # how long close() lets workers finish before it terminates them
 
 
-def _take_tokens(name: str | None, size: int) -> np.ndarray:
-    if name is None:
-        return np.zeros(0, dtype=np.int32)
-    shm = shared_memory.SharedMemory(name=name)
-    try:
-        return np.ndarray((size,), np.int32, buffer=shm.buf).copy()
-    finally:
-        shm.close()
-        shm.unlink()
+@dataclass(eq=False)
+class _Worker:
+    proc: Any
+    conn: Any
+    tasks: dict[int, str] = field(default_factory=dict)  # unanswered: start position -> block name
+    retiring: bool = False  # told to stop after its tasks (the pool shrank)
 
 
 @dataclass
 class _Pool:
     source: Source
-    tasks: Any
-    results: Any
-    procs: list[Any] = field(default_factory=list)
-    target: int = 0
+    workers: list[_Worker] = field(default_factory=list)
+    target: int = 0  # workers not retiring
     next_submit: int = 0
     next_fetch: int = 0
     ready: dict[int, Chunk] = field(default_factory=dict)
+    failures: int = 0
     cpu_s: float = 0.0
     tokens: int = 0
     fetched_tokens: int = 0
@@ -85,7 +71,10 @@ class ProcessBackend:
 
     ``start_method`` is a multiprocessing start method; ``fork`` (the default where available)
     lets sources carry lambdas as filters and transforms, the others need picklable ones.
-    A worker's ``DataError`` is raised again by ``fetch``; a worker that dies raises one too.
+    A worker's ``DataError`` is raised again by ``fetch``. A dead worker is replaced and its
+    work redone (same chunks); ``max_failures`` deaths per source are survived, the next one
+    raises ``DataError``. ``fetch`` raises ``DataError`` too when the source's live workers
+    produce nothing for ``wait_s`` seconds (a read that hangs).
     """
 
     def __init__(
@@ -97,83 +86,182 @@ class ProcessBackend:
         chunk_docs: int = 32,
         prefetch_chunks: int = 4,
         rescale_every: int = 16,
+        max_failures: int = 3,
+        wait_s: float = 300.0,
         start_method: str | None = None,
     ) -> None:
         if not 1 <= min_workers <= max_workers:
             raise DataError(f"workers: need 1 <= min_workers <= max_workers, got {min_workers}, {max_workers}")
         if chunk_docs < 1 or prefetch_chunks < 1:
             raise DataError("workers: chunk_docs and prefetch_chunks must be >= 1")
+        if max_failures < 0 or not wait_s > 0:
+            raise DataError(f"workers: need max_failures >= 0 and wait_s > 0, got {max_failures}, {wait_s}")
         self.min_workers, self.max_workers = min_workers, max_workers
         self.cpu_budget = cpu_budget if cpu_budget is not None else (os.cpu_count() or 1)
         self.chunk_docs, self.prefetch_chunks, self.rescale_every = chunk_docs, prefetch_chunks, rescale_every
+        self.max_failures, self.wait_s = max_failures, wait_s
         methods = mp.get_all_start_methods()
         self.start_method = start_method or ("fork" if "fork" in methods else methods[0])
         self._pools: dict[str, _Pool] = {}
         self._fetches = 0
         self._measured = False
         self._closed = True
+        self._lock = threading.Lock()  # fetch() against close() from another thread
+        self._forker: ThreadPoolExecutor | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self, sources: Sequence[Source], tokenizer: Tokenizer, seed: int, positions: Mapping[str, int]) -> None:
         self.close()
-        ctx = mp.get_context(self.start_method)
+        self._ctx = mp.get_context(self.start_method)
         resource_tracker.ensure_running()  # workers inherit it, so shm blocks have one owner
-        self._ctx, self._tokenizer, self._seed = ctx, tokenizer, seed
+        # PR_SET_PDEATHSIG fires when the *thread* that forked a worker ends: every worker is
+        # started from this one thread, which lives as long as the backend.
+        self._forker = ThreadPoolExecutor(1, thread_name_prefix="thruput-workers")
+        self._tokenizer, self._seed = tokenizer, seed
+        self._blocks = f"thr_{os.getpid()}_{secrets.token_hex(3)}_"  # block names: this prefix, a serial
+        self._serial = 0
         self._closed = False
         self._fetches = 0
         self._measured = False
         for source in sources:
             pos = int(positions[source.name])
-            pool = _Pool(source, ctx.Queue(), ctx.Queue(), next_submit=pos, next_fetch=pos)
+            pool = _Pool(source, next_submit=pos, next_fetch=pos)
             self._pools[source.name] = pool
             self._resize(pool, self.min_workers)
             self._submit(pool)
 
     def close(self) -> None:
-        self._closed = True
-        for pool in self._pools.values():
-            for _ in pool.procs:
-                pool.tasks.put(None)
-        for pool in self._pools.values():
-            deadline = time.monotonic() + 2.0
-            for p in pool.procs:
-                p.join(max(deadline - time.monotonic(), 0.0))
-                if p.is_alive():
-                    p.terminate()
-                    p.join()
-            self._drain(pool)
-            pool.tasks.close()
-            pool.results.close()
-        self._pools = {}
+        """Stop every worker (bounded: terminated after ``_STOP_S``) and free every block in flight."""
+        self._closed = True  # first: a fetch() in another thread gives up within _POLL_S
+        locked = self._lock.acquire(timeout=10 * _POLL_S)
+        try:
+            workers = [w for pool in self._pools.values() for w in pool.workers]
+            for w in workers:
+                try:
+                    w.conn.send(None)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + _STOP_S
+            for w in workers:
+                w.proc.join(max(deadline - time.monotonic(), 0.0))
+            for w in workers:
+                if w.proc.is_alive():
+                    w.proc.kill()
+                    w.proc.join(_STOP_S)
+                w.conn.close()
+                for block in w.tasks.values():
+                    discard_block(block)
+                w.tasks.clear()
+            self._pools = {}
+            if self._forker is not None:
+                self._forker.shutdown(wait=False)
+                self._forker = None
+        finally:
+            if locked:
+                self._lock.release()
 
-    @staticmethod
-    def _drain(pool: _Pool) -> None:
-        """Unlink shared memory of results nobody will read."""
-        while True:
+    def pids(self) -> dict[str, list[int]]:
+        """Process ids of each source's live workers (for fault injection and accounting)."""
+        return {n: [w.proc.pid for w in p.workers] for n, p in self._pools.items()}
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _spawn(self, pool: _Pool) -> None:
+        ours, theirs = self._ctx.Pipe()
+        # A forkserver, not this process, is the parent of the workers it starts.
+        parent = None if self.start_method == "forkserver" else os.getpid()
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(pool.source, self._tokenizer, self._seed, theirs, parent),
+            name=f"thruput-{pool.source.name}",
+            daemon=True,
+        )
+        assert self._forker is not None, "start() must be called first"
+        self._forker.submit(proc.start).result()
+        theirs.close()  # the worker holds the only other end: its death reads as end-of-file here
+        pool.workers.append(_Worker(proc, ours))
+
+    def _dispatch(self, pool: _Pool, starts: Iterable[int]) -> None:
+        """Send each task to the least busy worker; a worker found dead is reaped and its tasks resent."""
+        todo = deque(starts)
+        while todo:
+            start = todo.popleft()
+            worker = min((w for w in pool.workers if not w.retiring), key=lambda w: len(w.tasks))
+            self._serial += 1
+            block = f"{self._blocks}{self._serial}"
+            register_block(block)
+            worker.tasks[start] = block
             try:
-                msg = pool.results.get_nowait()
-            except (queue.Empty, OSError, ValueError):
-                return
-            if msg[0] == "ok" and msg[6] is not None:
-                _take_tokens(msg[6], 0)
+                worker.conn.send((start, self.chunk_docs, block))
+            except OSError:
+                todo.extend(self._reap(pool, worker))
+
+    def _receive(self, pool: _Pool, worker: _Worker) -> bool:
+        """Take one reply of ``worker``; False when its pipe is closed (it died)."""
+        try:
+            reply = worker.conn.recv()
+        except (EOFError, OSError):
+            return False
+        block = worker.tasks.pop(reply[1])
+        if reply[0] == "error":
+            discard_block(block)
+            raise DataError(reply[2])
+        _, start, records, lengths, skipped, cpu_s, size = reply
+        pool.ready[start] = Chunk(pool.source.name, start, records, lengths, take_block(block, size), skipped, cpu_s)
+        return True
+
+    def _reap(self, pool: _Pool, worker: _Worker) -> list[int]:
+        """Remove a dead (or exiting) worker; returns the tasks it left unanswered, to be resent.
+
+        Replies it sent before dying are kept. A death replaces the worker, unless it was
+        retiring, and counts as a failure of the source; one too many raises ``DataError``.
+        """
+        while True:  # every reply written before the death is still in the pipe
+            try:
+                if not worker.conn.poll(0):
+                    break
+            except (EOFError, OSError):
+                break
+            if not self._receive(pool, worker):
+                break
+        worker.proc.join(_STOP_S)
+        if worker.proc.is_alive():  # its pipe broke but it lives on: end it
+            worker.proc.kill()
+            worker.proc.join(_STOP_S)
+        worker.conn.close()
+        pool.workers.remove(worker)
+        lost = list(worker.tasks)
+        for block in worker.tasks.values():
+            discard_block(block)  # created or half created before the death, or not at all
+        worker.tasks.clear()
+        code = worker.proc.exitcode
+        if worker.retiring and code == 0:
+            return lost
+        pool.failures += 1
+        if pool.failures > self.max_failures:
+            raise DataError(
+                f"source '{pool.source.name}': worker process {worker.proc.pid} died with exit code "
+                f"{code}{_signal_name(code)}, death {pool.failures} of its workers "
+                f"(max_failures={self.max_failures}); the source keeps failing, stopping"
+            )
+        if not worker.retiring:
+            self._spawn(pool)
+        return lost
 
     # --- scaling ------------------------------------------------------------------------------
 
     def _resize(self, pool: _Pool, target: int) -> None:
-        pool.procs = [p for p in pool.procs if p.is_alive()]
         while pool.target < target:
-            p = self._ctx.Process(
-                target=_worker_main,
-                args=(pool.source, self._tokenizer, self._seed, pool.tasks, pool.results),
-                name=f"thruput-{pool.source.name}",
-                daemon=True,
-            )
-            p.start()
-            pool.procs.append(p)
+            self._spawn(pool)
             pool.target += 1
         while pool.target > target:
-            pool.tasks.put(None)  # one worker exits once the tasks queued before it are done
+            worker = min((w for w in pool.workers if not w.retiring), key=lambda w: len(w.tasks))
+            worker.retiring = True
+            try:
+                worker.conn.send(None)  # it exits once the tasks sent before are answered
+            except OSError:
+                pass  # already dead: reaped, and its tasks resent, by the next fetch
             pool.target -= 1
 
     def targets(self) -> dict[str, int]:
@@ -212,45 +300,73 @@ class ProcessBackend:
 
     def _submit(self, pool: _Pool) -> None:
         limit = max(self.prefetch_chunks, 2 * pool.target)
+        starts = []
         while (pool.next_submit - pool.next_fetch) // self.chunk_docs < limit:
-            pool.tasks.put((pool.next_submit, self.chunk_docs))
+            starts.append(pool.next_submit)
             pool.next_submit += self.chunk_docs
+        self._dispatch(pool, starts)
 
     def fetch(self, name: str) -> Chunk:
-        pool = self._pools[name]
-        while pool.next_fetch not in pool.ready:
+        with self._lock:
             if self._closed:
                 raise DataError("workers: backend closed while fetching")
-            try:
-                msg = pool.results.get(timeout=_POLL_S)
-            except queue.Empty:
-                dead = [p for p in pool.procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise DataError(f"source '{name}': worker process {dead[0].pid} died with exit code {dead[0].exitcode}")
+            pool = self._pools[name]
+            deadline = time.monotonic() + self.wait_s
+            while pool.next_fetch not in pool.ready:
+                if self._closed:
+                    raise DataError("workers: backend closed while fetching")
+                if self._poll(pool):
+                    deadline = time.monotonic() + self.wait_s
+                elif time.monotonic() > deadline:
+                    raise DataError(
+                        f"source '{name}': no chunk for {self.wait_s:g} s from its {len(pool.workers)} live "
+                        "worker processes (a read that hangs?); raise wait_s if one chunk may take longer"
+                    )
+            chunk = pool.ready.pop(pool.next_fetch)
+            pool.next_fetch += chunk.count
+            pool.cpu_s += chunk.cpu_s
+            pool.tokens += chunk.tokens.size
+            pool.fetched_tokens += chunk.tokens.size
+            self._fetches += 1
+            # Scale as soon as every source has a measured cost: rescale_every chunks at min_workers
+            # can drain a costly source's prefetch before the first periodic rescale.
+            if not self._measured and all(p.tokens for p in self._pools.values()):
+                self._measured = True
+                self._rescale()
+            elif self.rescale_every and self._fetches % self.rescale_every == 0:
+                self._rescale()
+            self._submit(pool)
+            return chunk
+
+    def _poll(self, pool: _Pool) -> bool:
+        """Wait up to ``_POLL_S`` for replies or deaths in ``pool``; True if any came."""
+        owner: dict[Any, _Worker] = {}
+        for w in pool.workers:
+            owner[w.conn] = owner[w.proc.sentinel] = w
+        events = connection.wait(list(owner), timeout=_POLL_S)
+        for obj in events:
+            worker = owner[obj]
+            if worker not in pool.workers:
+                continue  # reaped on its other event
+            if obj is worker.conn and self._receive(pool, worker):
                 continue
-            if msg[0] == "error":
-                raise DataError(msg[2])
-            _, start, records, lengths, skipped, cpu_s, shm_name, size = msg
-            pool.ready[start] = Chunk(name, start, records, lengths, _take_tokens(shm_name, size), skipped, cpu_s)
-        chunk = pool.ready.pop(pool.next_fetch)
-        pool.next_fetch += chunk.count
-        pool.cpu_s += chunk.cpu_s
-        pool.tokens += chunk.tokens.size
-        pool.fetched_tokens += chunk.tokens.size
-        self._fetches += 1
-        # Scale as soon as every source has a measured cost: rescale_every chunks at min_workers
-        # can drain a costly source's prefetch before the first periodic rescale.
-        if not self._measured and all(p.tokens for p in self._pools.values()):
-            self._measured = True
-            self._rescale()
-        elif self.rescale_every and self._fetches % self.rescale_every == 0:
-            self._rescale()
-        self._submit(pool)
-        return chunk
+            self._dispatch(pool, self._reap(pool, worker))
+        return bool(events)
 
     def stats(self) -> dict[str, Any]:
         return {
             "backend": "process",
             "workers": {n: p.target for n, p in self._pools.items()},
             "cpu_s_per_token": {n: (p.cpu_s / p.tokens if p.tokens else 0.0) for n, p in self._pools.items()},
+            "worker_failures": {n: p.failures for n, p in self._pools.items()},
         }
+
+
+def _signal_name(exitcode: int | None) -> str:
+    """`` (SIGKILL)`` for a worker ended by a signal (negative exit code), else nothing."""
+    if exitcode is None or exitcode >= 0:
+        return ""
+    try:
+        return f" ({signal.Signals(-exitcode).name})"
+    except ValueError:
+        return ""
