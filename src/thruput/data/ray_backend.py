@@ -67,10 +67,12 @@ def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, **init
     """Start a private Ray instance: every process listens on 127.0.0.1 only; returns its address.
 
     The dashboard is off unless ``dashboard``; Ray's token authentication keeps its default
-    (on since Ray 2.5x unless ``RAY_AUTH_MODE=disabled``). Other processes on the machine join
+    (on in Ray 2.60, unless ``RAY_AUTH_MODE=disabled``). Other processes on the machine join
     with ``connect(address, rank)``. ``DataError`` (and the instance stopped) if Ray chose a
     routable address anyway, which a Ray release that drops the loopback switch would do.
     """
+    # The switch is what binds: Ray rewrites an explicit 127.0.0.1 to the routable address
+    # while it is on. The explicit address states the intent to releases that honour it.
     with _loopback_only():
         ray.init(
             address="local",
