@@ -20,6 +20,9 @@ import gc
 import os
 import signal
 import sys
+import threading
+import time
+from multiprocessing import resource_tracker, shared_memory
 from typing import Any
 
 import numpy as np
@@ -29,7 +32,7 @@ from thruput.data.sources import Source
 from thruput.data.stream import StreamOrder, tokenize_chunk
 from thruput.data.tokenize import Tokenizer
 
-PARENT_CHECK_S = 0.5  # how often an idle worker checks that its parent still lives
+PARENT_CHECK_S = 0.5  # how often a worker without the kernel's help checks that its parent lives
 _PR_SET_PDEATHSIG = 1
 
 
@@ -37,11 +40,19 @@ def die_with_parent(parent_pid: int | None) -> None:
     """Have the kernel SIGKILL this process when its parent ends; exit now if it already has.
 
     ``parent_pid``: the expected parent (None when it is not the consumer, e.g. a forkserver).
-    Where the kernel cannot (not Linux), the task loop's parent-pid check notices instead.
+    Where the kernel cannot (not Linux), a thread checks the parent's pid every ``PARENT_CHECK_S``.
     """
-    set_parent_death_signal()
-    if parent_pid is not None and os.getppid() != parent_pid:
+    parent = os.getppid() if parent_pid is None else parent_pid
+    if not set_parent_death_signal():
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), name="thruput-parent", daemon=True).start()
+    if os.getppid() != parent:
         os._exit(0)  # the parent died before the signal was set
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def set_parent_death_signal() -> bool:
@@ -55,20 +66,15 @@ def set_parent_death_signal() -> bool:
 
 
 def worker_main(source: Source, tokenizer: Tokenizer, seed: int, conn: Any, parent_pid: int | None) -> None:
-    """Serve tasks from ``conn`` until told to stop (``None``) or the parent is gone."""
+    """Serve tasks from ``conn`` until told to stop (``None``); the process ends with its parent."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it stops us
     # A forked worker shares the trainer's heap until it writes to it; a full collection would
     # write to every inherited object (~40 MiB private per worker, measured): keep them out of it.
     gc.freeze()
-    parent = os.getppid()
     order = StreamOrder(source, seed)
     while True:
         try:
-            if not conn.poll(PARENT_CHECK_S):
-                if os.getppid() != parent:
-                    return
-                continue
             task = conn.recv()
         except (EOFError, OSError):
             return
@@ -92,8 +98,6 @@ def worker_main(source: Source, tokenizer: Tokenizer, seed: int, conn: Any, pare
 
 def write_block(name: str, tokens: np.ndarray) -> None:
     """Create shared-memory block ``name`` holding ``tokens`` (int32)."""
-    from multiprocessing import shared_memory
-
     shm = shared_memory.SharedMemory(name=name, create=True, size=tokens.nbytes)
     try:
         np.ndarray(tokens.shape, np.int32, buffer=shm.buf)[:] = tokens
@@ -106,8 +110,6 @@ def take_block(name: str, size: int) -> np.ndarray:
     if not size:
         discard_block(name)
         return np.zeros(0, dtype=np.int32)
-    from multiprocessing import shared_memory
-
     shm = shared_memory.SharedMemory(name=name)
     try:
         return np.ndarray((size,), np.int32, buffer=shm.buf).copy()
@@ -118,15 +120,11 @@ def take_block(name: str, size: int) -> np.ndarray:
 
 def register_block(name: str) -> None:
     """Have the resource tracker unlink block ``name`` should every process using it die."""
-    from multiprocessing import resource_tracker
-
     resource_tracker.register(_tracked(name), "shared_memory")
 
 
 def discard_block(name: str) -> None:
     """Free block ``name`` if it was (even partly) created, and drop it from the resource tracker."""
-    from multiprocessing import resource_tracker, shared_memory
-
     try:
         shared_memory._posixshmem.shm_unlink(_tracked(name))  # what SharedMemory.unlink calls; works on an empty block
     except FileNotFoundError:

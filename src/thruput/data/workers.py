@@ -22,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import secrets
+import selectors
 import signal
 import threading
 import time
@@ -29,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import connection, resource_tracker
+from multiprocessing import resource_tracker
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,7 @@ class _Worker:
 class _Pool:
     source: Source
     workers: list[_Worker] = field(default_factory=list)
+    events: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)  # replies and deaths
     target: int = 0  # workers not retiring
     next_submit: int = 0
     next_fetch: int = 0
@@ -153,6 +155,8 @@ class ProcessBackend:
                 for block in w.tasks.values():
                     discard_block(block)
                 w.tasks.clear()
+            for pool in self._pools.values():
+                pool.events.close()
             self._pools = {}
             if self._forker is not None:
                 self._forker.shutdown(wait=False)
@@ -180,7 +184,10 @@ class ProcessBackend:
         assert self._forker is not None, "start() must be called first"
         self._forker.submit(proc.start).result()
         theirs.close()  # the worker holds the only other end: its death reads as end-of-file here
-        pool.workers.append(_Worker(proc, ours))
+        worker = _Worker(proc, ours)
+        pool.workers.append(worker)
+        pool.events.register(ours, selectors.EVENT_READ, worker)
+        pool.events.register(proc.sentinel, selectors.EVENT_READ, worker)
 
     def _dispatch(self, pool: _Pool, starts: Iterable[int]) -> None:
         """Send each task to the least busy worker; a worker found dead is reaped and its tasks resent."""
@@ -229,6 +236,8 @@ class ProcessBackend:
         if worker.proc.is_alive():  # its pipe broke but it lives on: end it
             worker.proc.kill()
             worker.proc.join(_STOP_S)
+        pool.events.unregister(worker.conn)
+        pool.events.unregister(worker.proc.sentinel)
         worker.conn.close()
         pool.workers.remove(worker)
         lost = list(worker.tasks)
@@ -340,15 +349,12 @@ class ProcessBackend:
 
     def _poll(self, pool: _Pool) -> bool:
         """Wait up to ``_POLL_S`` for replies or deaths in ``pool``; True if any came."""
-        owner: dict[Any, _Worker] = {}
-        for w in pool.workers:
-            owner[w.conn] = owner[w.proc.sentinel] = w
-        events = connection.wait(list(owner), timeout=_POLL_S)
-        for obj in events:
-            worker = owner[obj]
+        events = pool.events.select(_POLL_S)
+        for key, _ in events:
+            worker = key.data
             if worker not in pool.workers:
                 continue  # reaped on its other event
-            if obj is worker.conn and self._receive(pool, worker):
+            if key.fileobj is worker.conn and self._receive(pool, worker):
                 continue
             self._dispatch(pool, self._reap(pool, worker))
         return bool(events)
