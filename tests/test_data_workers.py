@@ -208,3 +208,19 @@ def test_hung_source_raises_after_wait_s_and_close_kills_its_worker():
     proc.close()  # the worker never answers the stop: it is killed
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_fetch_notices_that_the_pipe_server_died(monkeypatch):
+    from thruput.data.worker_pools import WorkerPools
+
+    def broken(self, pool, worker, replied):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(WorkerPools, "_on_event", broken)
+    proc = ProcessBackend(min_workers=1, max_workers=1)
+    proc.start([MemorySource("m", ["x"] * 8)], ByteTokenizer(), seed=0, positions={"m": 0})
+    try:
+        with pytest.raises(DataError, match=r"thread serving the worker pipes died: RuntimeError\('boom'\)"):
+            proc.fetch("m")
+    finally:
+        proc.close()
