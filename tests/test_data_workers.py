@@ -192,8 +192,9 @@ def test_block_of_a_worker_killed_before_it_replied_is_unlinked(tmp_path, monkey
         block = flag.read_text()
         assert block.startswith(f"thr_{os.getpid()}_") and proc.stats()["worker_failures"] == {"a": 1}
         assert block not in shm_names()
-        in_flight = {b for pool in proc._pools.values() for w in pool.workers for b in w.tasks.values()}
-        assert {n for n in shm_names() if n.startswith(f"thr_{os.getpid()}_")} <= in_flight
+        with proc._workers.cv:  # the pipe server is not taking a block meanwhile
+            in_flight = {b for pool in proc._pools.values() for w in pool.workers for b in w.tasks.values()}
+            assert {n for n in shm_names() if n.startswith(f"thr_{os.getpid()}_")} <= in_flight
     finally:
         proc.close()
     assert not {n for n in shm_names() if n.startswith(f"thr_{os.getpid()}_")}

@@ -220,13 +220,15 @@ class WorkerPools:
         except (EOFError, OSError):
             return False
         block = worker.tasks.pop(reply[1])
-        if hand_out:
-            self._hand_out(pool)  # first: the worker waits for its next task while we copy this one
+        try:
+            if hand_out:
+                self._hand_out(pool)  # first: the worker waits for its next task while we copy this one
+        finally:  # the block is ours now, whatever handing out raised
+            tokens = take_block(block, reply[6]) if reply[0] == "ok" else discard_block(block)
         if reply[0] == "error":
-            discard_block(block)
             raise DataError(reply[2])
-        _, start, records, lengths, skipped, cpu_s, size = reply
-        pool.ready[start] = Chunk(pool.source.name, start, records, lengths, take_block(block, size), skipped, cpu_s)
+        _, start, records, lengths, skipped, cpu_s, _ = reply
+        pool.ready[start] = Chunk(pool.source.name, start, records, lengths, tokens, skipped, cpu_s)
         return True
 
     # --- worker processes -----------------------------------------------------------------------

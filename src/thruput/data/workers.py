@@ -108,16 +108,18 @@ class ProcessBackend:
 
     def fetch(self, name: str) -> Chunk:
         workers = self._workers
-        if workers is None or workers.closed:
+        if workers is None:
             raise DataError("workers: backend closed while fetching")
         with workers.cv:
             pool = workers.pools[name]
             deadline, seen = time.monotonic() + self.wait_s, pool.events
-            while pool.next_fetch not in pool.ready:
+            while True:
+                if workers.closed:  # checked holding cv, after every wait: close() may have run meanwhile
+                    raise DataError("workers: backend closed while fetching")
+                if pool.next_fetch in pool.ready:
+                    break
                 if pool.error is not None:
                     raise pool.error
-                if workers.closed:
-                    raise DataError("workers: backend closed while fetching")
                 if not workers.serving():
                     raise DataError(f"workers: the thread serving the worker pipes died: {workers.failure!r}") from workers.failure
                 workers.cv.wait(POLL_S)
