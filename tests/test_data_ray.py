@@ -293,3 +293,13 @@ def test_local_instance_listens_on_loopback_only_with_token_auth_and_no_dashboar
     assert not any("dashboard" in n.lower() for n in listening)  # its agent runs, but serves nothing
     auth = pytest.importorskip("ray._private.authentication.authentication_utils")
     assert auth.is_token_auth_enabled()
+
+
+def test_a_rank_waiting_on_a_hung_source_raises_after_twice_wait_s(ray_address):
+    from test_data_faults import bounded
+
+    hung = MemorySource("hung", [[1, 2, 3]] * 8, transform=lambda r: __import__("time").sleep(3600))
+    plan = Plan([hung], seq_len=4, tokens_per_batch=8, seed=1)
+    with Loader(plan, world_size=1, backend="ray", workers=ray_opts(ray_address, wait_s=2.0)) as loader:
+        with pytest.raises(DataError, match=r"no batch for step 0 in 4 s from the data constructor .* which is alive"):
+            bounded(lambda: next(loader), 120)
