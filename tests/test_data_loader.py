@@ -273,6 +273,6 @@ def test_close_stops_worker_processes():
     plan = make_plan()
     with Loader(plan, backend="process", workers={"min_workers": 1, "max_workers": 1}) as loader:
         next(loader)
-        procs = [p for pool in loader.backend._pools.values() for p in pool.procs]
+        procs = [w.proc for pool in loader.backend._pools.values() for w in pool.workers]
         assert len(procs) == 3 and all(p.is_alive() for p in procs)
     assert not any(p.is_alive() for p in procs)

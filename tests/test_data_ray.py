@@ -265,3 +265,41 @@ def test_resizing_moves_loaders_between_shared_processes(ray_address):
                 assert got.records.tolist() == want.records.tolist() and got.tokens.tolist() == want.tokens.tolist()
     finally:
         ray.kill(planner)
+
+
+def test_local_instance_listens_on_loopback_only_with_token_auth_and_no_dashboard(ray_address):
+    import ipaddress
+
+    import psutil
+
+    with Loader(make_plan(world_size=1), world_size=1, backend="ray", workers=ray_opts(ray_address)) as loader:
+        next(loader)  # the planner, a loader host and a constructor are running
+        me = psutil.Process()
+        listening = {}
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                name, sockets = p.name(), p.net_connections(kind="inet")
+            except psutil.NoSuchProcess:
+                continue
+            for c in sockets:
+                if c.status == psutil.CONN_LISTEN:
+                    listening.setdefault(name, []).append(c.laddr.ip)
+    roles = {n.split(".")[0] for n in listening}  # an actor's process is "ray::Class.method" while it runs one
+    assert {"gcs_server", "raylet", "ray::Planner", "ray::Constructor", "ray::LoaderHost"} <= roles, listening
+    for name, ips in listening.items():
+        for ip in ips:
+            addr = ipaddress.ip_address(ip)
+            assert (getattr(addr, "ipv4_mapped", None) or addr).is_loopback, (name, ip)
+    assert not any("dashboard" in n.lower() for n in listening)  # its agent runs, but serves nothing
+    auth = pytest.importorskip("ray._private.authentication.authentication_utils")
+    assert auth.is_token_auth_enabled()
+
+
+def test_a_rank_waiting_on_a_hung_source_raises_a_data_error_saying_so(ray_address):
+    from test_data_faults import bounded
+
+    hung = MemorySource("hung", [[1, 2, 3]] * 8, transform=lambda r: __import__("time").sleep(3600))
+    plan = Plan([hung], seq_len=4, tokens_per_batch=8, seed=1)
+    with Loader(plan, world_size=1, backend="ray", workers=ray_opts(ray_address, wait_s=2.0)) as loader:
+        with pytest.raises(DataError, match=r"no batch for step 0 in [24] s from the data constructor.* alive.*hangs"):
+            bounded(lambda: next(loader), 120)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import numpy as np
@@ -135,3 +136,92 @@ def test_bad_worker_options():
         ProcessBackend(min_workers=3, max_workers=2)
     with pytest.raises(DataError, match="chunk_docs and prefetch_chunks"):
         ProcessBackend(chunk_docs=0)
+
+
+def fetch_all_like_inline(proc, sources, positions, n):
+    inline = InlineBackend(chunk_docs=proc.chunk_docs)
+    inline.start(sources, ByteTokenizer(), seed=5, positions=positions)
+    for _ in range(n):
+        for s in sources:
+            x, y = proc.fetch(s.name), inline.fetch(s.name)
+            assert x.start == y.start and np.array_equal(x.records, y.records)
+            assert np.array_equal(x.lengths, y.lengths) and np.array_equal(x.tokens, y.tokens)
+
+
+def test_idle_worker_killed_is_replaced_and_its_tasks_redone():
+    # An idle worker waits for a task: with a queue shared by the pool it would hold the queue's
+    # read lock, and killing it would wedge the queue for its siblings. Here each has its own pipe.
+    sources = [MemorySource("a", [f"doc {i} " * (i % 5 + 1) for i in range(60)])]
+    proc = ProcessBackend(min_workers=2, max_workers=2, chunk_docs=4, prefetch_chunks=4)
+    proc.start(sources, ByteTokenizer(), seed=5, positions={"a": 0})
+    try:
+        fetch_all_like_inline(proc, sources, {"a": 0}, 1)
+        time.sleep(0.3)  # the prefetch is answered: both workers wait on their pipes
+        victim = proc.pids()["a"][0]
+        os.kill(victim, signal.SIGKILL)
+        inline_from = proc._pools["a"].next_fetch
+        fetch_all_like_inline(proc, sources, {"a": inline_from}, 20)
+        assert proc.stats()["worker_failures"] == {"a": 1}
+        assert victim not in proc.pids()["a"] and len(proc.pids()["a"]) == 2
+    finally:
+        proc.close()
+
+
+def test_block_of_a_worker_killed_before_it_replied_is_unlinked(tmp_path, monkeypatch):
+    from thruput.data import worker_process
+
+    flag = tmp_path / "died"
+    original = worker_process.write_block
+
+    def create_then_die(name, tokens):  # in the forked workers: the first one to get here dies
+        original(name, tokens)
+        try:
+            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, name.encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    monkeypatch.setattr(worker_process, "write_block", create_then_die)
+    sources = [MemorySource("a", [f"doc {i} " * (i % 5 + 1) for i in range(60)])]
+    proc = ProcessBackend(min_workers=2, max_workers=2, chunk_docs=4)
+    proc.start(sources, ByteTokenizer(), seed=5, positions={"a": 0})
+    try:
+        fetch_all_like_inline(proc, sources, {"a": 0}, 20)
+        block = flag.read_text()
+        assert block.startswith(f"thr_{os.getpid()}_") and proc.stats()["worker_failures"] == {"a": 1}
+        assert block not in shm_names()
+        with proc._workers.cv:  # the pipe server is not taking a block meanwhile
+            in_flight = {b for pool in proc._pools.values() for w in pool.workers for b in w.tasks.values()}
+            assert {n for n in shm_names() if n.startswith(f"thr_{os.getpid()}_")} <= in_flight
+    finally:
+        proc.close()
+    assert not {n for n in shm_names() if n.startswith(f"thr_{os.getpid()}_")}
+
+
+def test_hung_source_raises_after_wait_s_and_close_kills_its_worker():
+    proc = ProcessBackend(min_workers=1, max_workers=1, wait_s=0.5)
+    proc.start([MemorySource("m", ["x"], transform=lambda r: time.sleep(3600))], ByteTokenizer(), seed=0, positions={"m": 0})
+    with pytest.raises(DataError, match=r"source 'm': no chunk for 0.5 s from its 1 live worker processes"):
+        proc.fetch("m")
+    pid = proc.pids()["m"][0]
+    proc.close()  # the worker never answers the stop: it is killed
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_fetch_notices_that_the_pipe_server_died(monkeypatch):
+    from thruput.data.worker_pools import WorkerPools
+
+    def broken(self, pool, worker, replied):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(WorkerPools, "_on_event", broken)
+    proc = ProcessBackend(min_workers=1, max_workers=1)
+    proc.start([MemorySource("m", ["x"] * 8)], ByteTokenizer(), seed=0, positions={"m": 0})
+    try:
+        with pytest.raises(DataError, match=r"thread serving the worker pipes died: RuntimeError\('boom'\)"):
+            proc.fetch("m")
+    finally:
+        proc.close()

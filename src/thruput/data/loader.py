@@ -1,6 +1,8 @@
 """What the trainer iterates: batches for one rank, prefetched, with exact resumption."""
 from __future__ import annotations
 
+import functools
+import logging
 import queue
 import threading
 import time
@@ -15,6 +17,12 @@ from thruput.data.errors import DataError
 from thruput.data.plan import Plan
 
 STATE_VERSION = 1
+_POLL_S = 0.1  # how often a blocked put or get checks that the other side is still there
+_JOIN_S = 10.0  # how long close() waits for the prefetch thread
+
+log = logging.getLogger(__name__)
+
+Build = Callable[[int], tuple[dict[str, Any], dict[str, Any]]]
 
 
 class Loader:
@@ -84,7 +92,7 @@ class Loader:
         }
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # each run gets its own queue and event
         self._copy_stream = None
         self.wait_s = 0.0  # total time __next__ blocked waiting for data
         self.last_wait_s = 0.0
@@ -115,7 +123,7 @@ class Loader:
         state = self.state_dict()
         if hasattr(self.backend, "batch"):  # builds whole batches itself (RayBackend)
             self.backend.open(self.plan, self.rank, self.world_size, state)
-            build = self.backend.batch
+            build: Build = self.backend.batch
         else:
             self.backend.start(
                 self.plan.sources,
@@ -124,50 +132,22 @@ class Loader:
                 {n: s["position"] for n, s in state["sources"].items()},
             )
             readers = [
-                StreamReader(src.name, len(src), lambda n=src.name: self.backend.fetch(n), **state["sources"][src.name])
+                StreamReader(src.name, len(src), functools.partial(self.backend.fetch, src.name), **state["sources"][src.name])
                 for src in self.plan.sources
             ]
-            build = lambda step: self._build(readers, step)  # noqa: E731
-        self._stop.clear()
+            build = functools.partial(_build, self.plan, self.rank, self.world_size, readers)
+        self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
+        pin = self.device is not None and self.device.type == "cuda"
+        # The thread holds no reference to the Loader: a Loader dropped mid-iteration is
+        # collected, and its __del__ stops the thread and the backend.
         self._thread = threading.Thread(
-            target=self._produce, args=(build, state["step"]), name="thruput-loader", daemon=True
+            target=_produce,
+            args=(build, state["step"], self.steps, pin, self._queue, self._stop),
+            name="thruput-loader",
+            daemon=True,
         )
         self._thread.start()
-
-    def _build(self, readers: list[StreamReader], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """This rank's batch of ``step`` and the state after it, from the backend's chunks."""
-        pieces = mix(self.plan, readers, step)
-        batch = collate(self.plan, pieces, rank_rows(self.plan, pieces, self.rank, self.world_size), step)
-        state = {
-            "version": STATE_VERSION,
-            "step": step + 1,
-            "seed": self.plan.seed,
-            "sources": {r.name: r.state() for r in readers},
-        }
-        return batch, state
-
-    def _produce(self, build: Callable[[int], tuple[dict[str, Any], dict[str, Any]]], step: int) -> None:
-        try:
-            while not self._stop.is_set() and (self.steps is None or step < self.steps):
-                batch, state = build(step)
-                if self.device is not None and self.device.type == "cuda":
-                    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-                step += 1
-                if not self._put((batch, state)):
-                    return
-            self._put(StopIteration())
-        except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-            self._put(exc)
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     # --- consumption ------------------------------------------------------------------------
 
@@ -180,7 +160,7 @@ class Loader:
                 raise StopIteration
             self._start()
         t0 = time.perf_counter()
-        item = self._queue.get()
+        item = self._get()
         self.last_wait_s = time.perf_counter() - t0
         self.wait_s += self.last_wait_s
         if isinstance(item, BaseException):
@@ -190,6 +170,23 @@ class Loader:
         if self.device is not None and self.device.type == "cuda":
             batch = self._to_device(batch)
         return batch
+
+    def _get(self) -> Any:
+        """The next item of the prefetch thread; a ``DataError`` if the thread ended without one.
+
+        How long a batch may take is the backend's to bound (each has a ``wait_s``); this wait
+        ends when the thread does.
+        """
+        assert self._thread is not None
+        while True:
+            try:
+                return self._queue.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    try:
+                        return self._queue.get_nowait()  # put just before it ended
+                    except queue.Empty:
+                        return DataError("loader: the prefetch thread ended without a batch or an error")
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Copy pinned tensors on a side stream; the compute stream waits for it, not the host."""
@@ -243,7 +240,14 @@ class Loader:
         self._stop.set()
         self.backend.close()  # first: a producer blocked in fetch() must wake up to see the stop
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(_JOIN_S)
+            if self._thread.is_alive():
+                # Only a read stuck in the thread itself (the inline backend, a custom one) gets
+                # here: the process and Ray backends' waits end at close(). Its queue is its own.
+                log.warning(
+                    "thruput.data: the loader's prefetch thread did not stop within %.0f s (a source read that "
+                    "hangs?); it is left running", _JOIN_S,
+                )
             self._thread = None
 
     def close(self) -> None:
@@ -261,3 +265,42 @@ class Loader:
             self._shutdown()
         except Exception:
             pass
+
+
+def _build(plan: Plan, rank: int, world_size: int, readers: list[StreamReader], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rank ``rank``'s batch of ``step`` and the state after it, from the backend's chunks."""
+    pieces = mix(plan, readers, step)
+    batch = collate(plan, pieces, rank_rows(plan, pieces, rank, world_size), step)
+    state = {
+        "version": STATE_VERSION,
+        "step": step + 1,
+        "seed": plan.seed,
+        "sources": {r.name: r.state() for r in readers},
+    }
+    return batch, state
+
+
+def _produce(build: Build, step: int, steps: int | None, pin: bool, out: queue.Queue[Any], stop: threading.Event) -> None:
+    """The prefetch thread: batches from ``step`` on into ``out`` until ``steps`` or ``stop``."""
+    try:
+        while not stop.is_set() and (steps is None or step < steps):
+            batch, state = build(step)
+            if pin:
+                batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+            step += 1
+            if not _put(out, stop, (batch, state)):
+                return
+        _put(out, stop, StopIteration())
+    except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+        _put(out, stop, exc)
+
+
+def _put(out: queue.Queue[Any], stop: threading.Event, item: Any) -> bool:
+    """Put ``item`` unless the consumer stops the run first (a Loader closed or collected)."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False

@@ -64,17 +64,37 @@ def _loopback_only() -> Iterator[None]:
 
 
 def start_local_ray(num_cpus: int | None = None, dashboard: bool = False, **init_kwargs: Any) -> str:
-    """Start a Ray instance bound to 127.0.0.1 (the dashboard off unless ``dashboard``); returns its address.
+    """Start a private Ray instance: every process listens on 127.0.0.1 only; returns its address.
 
-    Other processes on the machine join it with ``connect(address, rank)``.
+    The dashboard is off unless ``dashboard``; Ray's token authentication keeps its default
+    (on in Ray 2.60, unless ``RAY_AUTH_MODE=disabled``). Other processes on the machine join
+    with ``connect(address, rank)``. ``DataError`` (and the instance stopped) if Ray chose a
+    routable address anyway, which a Ray release that drops the loopback switch would do.
     """
+    # The switch is what binds: Ray rewrites an explicit 127.0.0.1 to the routable address
+    # while it is on. The explicit address states the intent to releases that honour it.
     with _loopback_only():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=False, **init_kwargs)
-    return ray.get_runtime_context().gcs_address
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+            **init_kwargs,
+        )
+    address, node = ray.get_runtime_context().gcs_address, ray.util.get_node_ip_address()
+    if not (_is_loopback(address) and _is_loopback(node)):
+        ray.shutdown()
+        raise DataError(
+            f"ray backend: Ray {ray.__version__} started its local instance on {node} ({address}), not on "
+            "127.0.0.1 only; start one yourself (`ray start --head --node-ip-address 127.0.0.1`) and pass its address"
+        )
+    return address
 
 
 def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0]
+    """Whether ``address`` (``host`` or ``host:port``) is this machine's loopback."""
+    host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address
     return host == "localhost" or host.startswith("127.")
 
 
@@ -222,12 +242,18 @@ class RayBackend:
         if self._session is None:
             raise DataError("ray backend: open() must be called before batch()")
         ref = self._session[1].batch.remote(step, self.rank)
+        # The constructor may wait wait_s for lagging ranks, then build: past twice that it is stuck.
+        deadline = time.monotonic() + 2 * self.options["wait_s"]
         while True:
             try:
                 arrays, state = ray.get(ref, timeout=_POLL_S)
                 break
             except ray.exceptions.GetTimeoutError:
-                pass
+                if time.monotonic() > deadline:
+                    raise DataError(
+                        f"ray backend: no batch for step {step} in {2 * self.options['wait_s']:.0f} s from the data "
+                        f"constructor of namespace {self.namespace!r}, which is alive (a source read that hangs?)"
+                    ) from None
             except RayTaskError as exc:
                 raise data_error(exc) from None
             except RayActorError:
@@ -271,4 +297,4 @@ class RayBackend:
 
     def pids(self) -> dict[str, Any]:
         """Process ids of the planner, loaders per source, shadows and constructors."""
-        return ray.get(self.planner.pids.remote())
+        return ray.get(self.planner.pids.remote(), timeout=60)

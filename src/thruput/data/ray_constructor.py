@@ -191,6 +191,11 @@ class Constructor:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     late = [r for r, s in enumerate(self.wanted) if s + self.ahead <= step]
+                    if not late:
+                        raise DataError(
+                            f"ray backend: no batch for step {step} in {self.wait_s:.0f} s from the data constructor, "
+                            "which is alive and no rank is behind (a source read that hangs?)"
+                        )
                     raise DataError(
                         f"ray backend: rank {rank} waited {self.wait_s:.0f} s for step {step}; ranks {late} are more "
                         f"than {self.ahead} steps behind (all {self.world_size} ranks must iterate together)"
