@@ -107,13 +107,21 @@ def test_native_not_chosen_while_compiling(monkeypatch):
     assert answers and set(answers) == {"torch"}
 
 
-def test_rule_on_cpu_and_cuda():
+def test_rule_on_cpu_and_cuda(monkeypatch):
     rule = _ce_auto.auto_impl
     assert rule(device_type="cuda", vocab=32768, hidden_size=1024, native_ok=True, has_triton=True) == "triton"
     assert rule(device_type="cuda", vocab=32768, hidden_size=1024, native_ok=True, has_triton=False) == "torch"
-    for vocab in (32768, 131072):
-        for d in (1024, 2048):
-            assert rule(device_type="cpu", vocab=vocab, hidden_size=d, native_ok=False, has_triton=False) == "torch"
+    # measured: torch's op needs 1.6-1.8x the kernel's peak at every shape, so the kernel runs
+    for vocab in (32768, 131072, 50257):
+        for d in (768, 1024, 2048, 4096):
+            for ok in (True, False):
+                assert rule(device_type="cpu", vocab=vocab, hidden_size=d, native_ok=ok, has_triton=False) == "torch"
+    # a table in which the native op were faster within the bound at one shape: chosen there, and
+    # at the shapes nearest to it, only where it agrees exactly
+    monkeypatch.setattr(_ce_auto, "_CPU_MEASURED", {(32768, 1024): (1.2, 1.1, 1.0), (131072, 4096): (0.9, 0.9, 0.6)})
+    assert rule(device_type="cpu", vocab=32000, hidden_size=768, native_ok=True, has_triton=False) == "native"
+    assert rule(device_type="cpu", vocab=32000, hidden_size=768, native_ok=False, has_triton=False) == "torch"
+    assert rule(device_type="cpu", vocab=128000, hidden_size=4096, native_ok=True, has_triton=False) == "torch"
 
 
 def test_cuda_without_triton_warns_once_and_records(monkeypatch):

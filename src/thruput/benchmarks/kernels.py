@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hiddens", type=_ints, default=(1024, 2048), help="comma-separated LM-head hidden sizes")
     parser.add_argument("--vocabs", type=_ints, default=(32768, 131072), help="comma-separated vocab sizes")
     parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds of fresh worker processes per shape")
+    parser.add_argument("--variants", type=lambda t: tuple(t.split(",")), default=None,
+                        help="comma-separated cross-entropy variants to run (default: all; native is always run)")
     parser.add_argument("--steps", type=int, default=200, help="training steps of the compile comparison")
     parser.add_argument("--seq-len", type=int, default=1024, help="longest row of the compile comparison")
     parser.add_argument("--rows", type=int, default=4, help="rows per batch of the compile comparison")
@@ -101,6 +103,8 @@ def ce_figures(device: str, tokens: int, hidden: int, vocab: int, rounds: int, r
     ``thruput`` (``impl="auto"``) is not run separately: it is the variant the rule resolves to,
     so its row is that variant's, and its ratio to that variant is 1 by construction.
     """
+    auto = auto_resolves_to(device, vocab, hidden)
+    variants = variants if auto in variants else [*variants, auto]
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     peaks: dict[str, list[int]] = {v: [] for v in variants}
@@ -124,7 +128,7 @@ def ce_figures(device: str, tokens: int, hidden: int, vocab: int, rounds: int, r
         load.append(os.getloadavg()[0])
     out: dict[str, Any] = {"device": device, "tokens": tokens, "hidden": hidden, "vocab": vocab,
                            "rounds": rounds, "reps_per_process": reps, "load_average_1min": load,
-                           "auto_resolves_to": auto_resolves_to(device, vocab, hidden), "variants": {}}
+                           "auto_resolves_to": auto, "variants": {}}
     for v in variants:
         if v in errors:
             out["variants"][v] = {"error": errors[v]}
@@ -189,6 +193,8 @@ def run_ce(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         variants = ["native", "native_default", "thruput_kernel", "naive"]
         if device == "cuda":
             variants[3:3] = _cuda_peers()
+        if args.variants:
+            variants = [v for v in variants if v in args.variants or v == "native"]
         for vocab in args.vocabs:
             label = _label(vocab)
             worst: dict[str, float] = {}
@@ -217,6 +223,9 @@ def run_ce(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                     if value is not None:
                         worst[key] = max(worst.get(key, value), value)
                 _add_rows(table, device, label, hidden, fig)
+                done = ", ".join(f"{v} {e['median_time_s']:.2f} s" for v, e in fig["variants"].items()
+                                 if "median_time_s" in e and v != "thruput")
+                console.print(f"{device} {shape}: {done} (load {fig['load_average_1min'][-1]:.1f})")
             for key, value in worst.items():  # the headline: the worst hidden size of this vocabulary
                 result[f"{prefix}{key}_{label}"] = value
     result["ce_uptime_after"] = _uptime()
