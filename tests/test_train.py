@@ -187,3 +187,21 @@ def test_checkpoint_of_another_run_is_refused_naming_the_key(tmp_path) -> None:
         train(_cfg(tmp_path, steps=6, **{"model.d_model": 64}), resume=True)
     with pytest.raises(ConfigError, match="checkpoint.dir: --resume needs"):
         train(_cfg(tmp_path, **{"checkpoint.dir": None, "checkpoint.every": 0}), resume=True)
+
+
+def test_fused_loss_fallback_is_in_the_run_document(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from thruput.kernels import _ce_auto
+
+    # A CUDA-like device without triton: the fused loss falls back to its torch rows.
+    monkeypatch.setattr(_ce_auto, "_fallbacks", {})
+    monkeypatch.setattr(_ce_auto, "_device_type", lambda tensor: "cuda")
+    monkeypatch.setitem(sys.modules, "thruput.kernels._triton_ce", None)
+    cfg = _cfg(tmp_path, steps=2, **{"checkpoint.every": 0, "kernels.fused_cross_entropy": True})
+    with pytest.warns(RuntimeWarning, match="triton"):
+        result = train(cfg)
+    reason = result.document["meta"]["kernel_fallbacks"]["linear_cross_entropy"]
+    assert "pip install 'thruput[triton]'" in reason
+    plain = train(_cfg(tmp_path / "plain", steps=2, **{"checkpoint.every": 0}))
+    assert plain.document["meta"]["kernel_fallbacks"] == {}

@@ -89,6 +89,18 @@ def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _kernel_fallbacks(cfg: RunConfig, compiled: Any) -> dict[str, str]:
+    """The kernels of this run that took a slower path than asked, and why (for the run document)."""
+    found = {}
+    if cfg.kernels.fused_cross_entropy:
+        from thruput.kernels import fallbacks
+
+        found.update(fallbacks())  # only the fused loss records there
+    if compiled is not None and compiled.stats()["fallback"]:
+        found["compile"] = compiled.stats()["fallback"]
+    return found
+
+
 def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor] | None = None,
                ) -> Callable[[dict], torch.Tensor]:
     """Mean cross-entropy over labelled tokens: naive (full logits) or fused chunked.
@@ -331,7 +343,7 @@ def train(
         close = getattr(loader, "close", None)
         if close is not None:
             close()
-    result.document = run_document(prof, name=cfg.name)
+    result.document = run_document(prof, name=cfg.name, meta={"kernel_fallbacks": _kernel_fallbacks(cfg, compiled)})
     if print_report and rank == 0:
         from thruput.profile import render_terminal
 

@@ -21,27 +21,42 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from thruput.kernels import linear_cross_entropy
+from thruput.kernels import default_chunk_size, linear_cross_entropy
 
 IGNORE_INDEX = -100
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def loss_fn(variant: str, device: torch.device) -> LossFn:
-    """The loss of ``variant``; ``ValueError`` for an unknown one, ``ImportError`` if its package is missing."""
+NATIVE_VARIANTS = ("native", "native_default")
+CUDA_ONLY = ("thruput_triton", "liger", "cce")
+
+
+def loss_fn(variant: str, device: torch.device, vocab: int) -> LossFn:
+    """The loss of ``variant``; ``ValueError`` for an unknown one, ``ImportError`` if its package is missing.
+
+    ``thruput``: ``linear_cross_entropy(impl="auto")``; ``thruput_kernel``/``thruput_triton``:
+    thruput's own chunked kernel with the torch/Triton row operation; ``native``: torch's
+    ``F.linear_cross_entropy`` chunked at thruput's chunk rows (the same memory bound);
+    ``native_default``: the same op with ``LinearCrossEntropyOptions()`` as it comes.
+    """
     if variant == "naive":
         return lambda h, w, y: F.cross_entropy(h @ w.T, y, ignore_index=IGNORE_INDEX)
-    if variant == "thruput":
-        impl = "auto" if device.type == "cuda" else "torch"
+    if variant in ("thruput", "thruput_kernel", "thruput_triton"):
+        impl = {"thruput": "auto", "thruput_kernel": "torch", "thruput_triton": "triton"}[variant]
         return lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, impl=impl)
-    if variant == "torch_chunked":  # torch's own chunked path (torch >= 2.13)
-        options = torch.nn.LinearCrossEntropyOptions()
+    if variant in NATIVE_VARIANTS:  # torch >= 2.13
+        options = torch.nn.LinearCrossEntropyOptions(
+            batch_chunk_size=default_chunk_size(vocab) if variant == "native" else None)
         return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, options=options)
     if variant == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX)
+    if variant == "cce":
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        return lambda h, w, y: cce(h, w, y, ignore_index=IGNORE_INDEX)
     raise ValueError(f"unknown cross-entropy variant {variant!r}")
 
 
@@ -65,7 +80,7 @@ def _sync(device: torch.device) -> None:
 def measure(variant: str, device: str, tokens: int, hidden: int, vocab: int, reps: int) -> dict:
     """Time ``reps`` forward+backward passes of ``variant`` after a small warm-up."""
     dev = torch.device(device)
-    fn = loss_fn(variant, dev)
+    fn = loss_fn(variant, dev, vocab)
     # warm-up at a tiny size: thread pools, lazy library init, Triton autotune/compile caches
     small = (torch.randn(64, 16, device=dev, requires_grad=True), torch.randn(97, 16, device=dev, requires_grad=True))
     fn(*small, torch.randint(0, 97, (64,), device=dev)).backward()
@@ -79,17 +94,18 @@ def measure(variant: str, device: str, tokens: int, hidden: int, vocab: int, rep
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     baseline = _memory_now(dev)
-    times = []
+    times, cpu_times = [], []
     loss = torch.zeros(())
     for _ in range(reps):
         h.grad = w.grad = None
         _sync(dev)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = fn(h, w, labels)
         loss.backward()
         _sync(dev)
         times.append(time.perf_counter() - t0)
-    return {"variant": variant, "device": device, "times_s": times,
+        cpu_times.append(time.process_time() - c0)
+    return {"variant": variant, "device": device, "times_s": times, "cpu_times_s": cpu_times,
             "peak_delta_bytes": _peak(dev) - baseline, "loss": float(loss.detach())}
 
 

@@ -8,8 +8,9 @@ Both row operations (this one and the Triton kernel in ``_triton_ce``) share one
 ``loss[i] = lse_i - (1 - s) * z[i, y_i] - s * mean_j z[i, j] + z_loss * lse_i**2`` for a kept
 row, 0 for a row whose label is ``ignore_index``. With ``scale`` given, ``grad`` is
 ``scale[i] * d loss[i] / d z[i, :]`` (zero rows for ignored labels). ``work`` is scratch space
-the caller may pass so that no [n, V] tensor is allocated per chunk; ``grad`` may live in the
-storage of ``logits`` or ``work``, which the caller must not read afterwards.
+the caller may pass so that no [n, V] tensor is allocated per chunk; it may be fp32 ``logits``
+itself on CPU (the softmax then runs in place). ``grad`` may live in the storage of ``logits``
+or ``work``, which the caller must not read afterwards.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def ce_rows_torch(
     vocab = x.shape[1]
     keep = labels != ignore_index
     safe = torch.where(keep, labels, torch.zeros_like(labels))[:, None]
+    z_y = x.gather(1, safe).squeeze(1) if z_loss else None  # read before an in-place softmax
     # log p straight from the fused kernel: more accurate than lse - z_y when p_y is near 1
     logp = torch.log_softmax(x, dim=1) if work is None else torch.log_softmax(x, dim=1, out=work)
     logp_y = logp.gather(1, safe).squeeze(1)
@@ -42,7 +44,7 @@ def ce_rows_torch(
     if smoothing:
         loss = loss - smoothing * logp.mean(dim=1)
     if z_loss:
-        lse = x.gather(1, safe).squeeze(1) - logp_y
+        lse = z_y - logp_y
         loss = loss + z_loss * lse * lse
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     if scale is None:
