@@ -191,6 +191,15 @@ class StepProfiler:
                 raise ValueError(f"unknown phase {name!r}; expected one of {PHASES[:-1]}")
             self._open.phases[name] = self._open.phases.get(name, 0.0) + seconds
 
+    def add_batch(self, tokens: int, samples: int, useful_tokens: int | None = None) -> None:
+        """Add one batch's counts to the open step, for callers that learn them during the step
+        (``thruput run`` counts the batches a loader yields); ``useful_tokens`` defaults to
+        ``tokens``. Without an open step it does nothing."""
+        if self._open is not None:
+            self._open.tokens += tokens
+            self._open.samples += samples
+            self._open.useful_tokens += tokens if useful_tokens is None else useful_tokens
+
     def counter(self, name: str, value: float) -> None:
         """Attach a number to the open step (recompiles, padding ratio, ...)."""
         if self._open is not None:
@@ -289,6 +298,7 @@ class StepProfiler:
         times = [r.time_s for r in records]
         total = sum(times)
         phase_totals = {p: sum(r.phases[p] for r in records) for p in PHASES}
+        tokens = sum(r.tokens for r in records)
         flops = [r.flops for r in records]
         achieved = sum(flops) / total if all(f is not None for f in flops) and total > 0 else None
         peak_mem = max(r.memory_bytes for r in records)
@@ -302,7 +312,8 @@ class StepProfiler:
             "samples_per_s": sum(r.samples for r in records) / total,
             "tokens_per_s": sum(r.tokens for r in records) / total,
             "useful_tokens_per_s": sum(r.useful_tokens for r in records) / total,
-            "padding_ratio": 1 - sum(r.useful_tokens for r in records) / max(1, sum(r.tokens for r in records)),
+            # No tokens counted (a run that fed no token ids) is no padding, not 100% padding.
+            "padding_ratio": 1 - sum(r.useful_tokens for r in records) / tokens if tokens else 0.0,
             "phase_share": {p: phase_totals[p] / total for p in PHASES},
             "phase_median_s": {p: statistics.median(r.phases[p] for r in records) for p in PHASES},
             "achieved_flops": achieved,
