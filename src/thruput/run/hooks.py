@@ -5,9 +5,11 @@ phase          observed at
 =============  ==============================================================================
 data_wait      ``__next__`` of every torch DataLoader iterator (``_BaseDataLoaderIter``, which
                torchdata's StatefulDataLoader also goes through) and of ``thruput.data.Loader``
-forward        the outermost module call: global forward pre/post hooks
-               (``register_module_forward_pre_hook`` / ``register_module_forward_hook`` with
-               ``always_call``) that count depth and time only depth 0 -> 1 -> 0
+forward        the outermost module call: a global forward pre-hook
+               (``register_module_forward_pre_hook``) that, at an outermost call, removes
+               itself and puts an ``always_call`` forward hook on that module; the hook puts
+               the global one back when the module returns. Inner module calls therefore
+               meet no hook at all and keep torch's fast path
 backward       ``torch.autograd.backward``, which ``Tensor.backward`` calls
 optimizer      global optimizer step pre/post hooks; the clock optimizer's step ends the step
 comm           the collectives of ``torch.distributed`` the script calls (the call, so an
@@ -52,6 +54,10 @@ class TorchHooks:
         self.recorder = recorder
         self._handles: list[Any] = []
         self._patches: list[tuple[Any, str, bool, Any]] = []
+        # The global forward pre-hook's handle (None inside an outermost forward), the hook on
+        # the last outermost module and that module (owner), and the module whose outermost
+        # forward is running.
+        self._forward: dict[str, Any] = {"pre": None, "post": None, "owner": None, "module": None}
         self._installed = False
 
     def __enter__(self) -> "TorchHooks":
@@ -69,23 +75,31 @@ class TorchHooks:
         main = threading.get_ident()
         get_ident = threading.get_ident
         compiling = torch.compiler.is_compiling
-        depth = 0
+        forward = self._forward
 
         def forward_pre(module: torch.nn.Module, args: tuple) -> None:
-            nonlocal depth
             if compiling() or get_ident() != main:
                 return
-            depth += 1
-            if depth == 1:
-                rec.forward_begins(module, args)
+            # An outermost call: the global hook leaves until it returns, so the inner modules
+            # take torch's hook-free fast path; a hook on this module marks the return.
+            forward["pre"].remove()
+            forward["pre"] = None
+            if forward["owner"] is not module:
+                if forward["post"] is not None:  # on the previous outermost module, idle since
+                    forward["post"].remove()
+                forward["post"] = module.register_forward_hook(forward_post, always_call=True)
+                forward["owner"] = module
+            forward["module"] = module
+            rec.forward_begins(module, args)
 
         def forward_post(module: torch.nn.Module, args: tuple, output: Any) -> None:
-            nonlocal depth
-            if compiling() or get_ident() != main:
+            if forward["module"] is not module or get_ident() != main:
                 return
-            depth -= 1
-            if depth == 0:
-                rec.exit()
+            # The module hook stays registered (removing it here would change the dict torch is
+            # iterating when the forward raised); an outermost call of another module moves it.
+            forward["module"] = None
+            forward["pre"] = nn_module.register_module_forward_pre_hook(forward_pre)
+            rec.exit()
 
         def optimizer_pre(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
             if get_ident() == main:
@@ -113,9 +127,8 @@ class TorchHooks:
             wrapper.__doc__ = getattr(original, "__doc__", None)
             return wrapper
 
+        forward["pre"] = nn_module.register_module_forward_pre_hook(forward_pre)
         self._handles += [
-            nn_module.register_module_forward_pre_hook(forward_pre),
-            nn_module.register_module_forward_hook(forward_post, always_call=True),
             optim_module.register_optimizer_step_pre_hook(optimizer_pre),
             optim_module.register_optimizer_step_post_hook(optimizer_post),
         ]
@@ -171,8 +184,10 @@ class TorchHooks:
 
     def remove(self) -> None:
         """Restore every patched attribute and remove every hook (safe to call twice)."""
-        for handle in self._handles:
-            handle.remove()
+        for handle in [*self._handles, self._forward["pre"], self._forward["post"]]:
+            if handle is not None:
+                handle.remove()
+        self._forward = {"pre": None, "post": None, "owner": None, "module": None}
         for owner, name, own, original in reversed(self._patches):
             if own:
                 setattr(owner, name, original)
