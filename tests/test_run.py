@@ -249,3 +249,34 @@ def test_status_line_is_rate_limited_and_only_on_a_terminal() -> None:
     piped = io.StringIO()
     StatusLine(stream=piped).update(prof)
     assert piped.getvalue() == ""
+
+
+def test_targets_cuda_reads_every_form_of_to() -> None:
+    from thruput.run.hooks import _targets_cuda
+
+    assert _targets_cuda(("cuda",), {}) and _targets_cuda((0,), {}) and _targets_cuda((), {"device": "cuda:1"})
+    assert _targets_cuda((torch.device("cuda", 0), torch.float16), {})
+    assert not _targets_cuda((torch.float16,), {}) and not _targets_cuda(("cpu",), {})
+    assert not _targets_cuda((True,), {}) and not _targets_cuda((), {"dtype": torch.float16})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_steps_time_copies_and_device_phases_with_events() -> None:
+    rec = _recorder()
+    model = torch.nn.Linear(64, 64).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with TorchHooks(rec):
+        for _ in range(3):
+            x = torch.randn(256, 64).to("cuda")      # h2d
+            y = torch.randn(256, 64).cuda()          # h2d
+            model(x + y).square().mean().backward()
+            opt.step()
+            x.to(torch.float16)                      # a cast on the device: not h2d
+    prof = rec.close()
+    assert prof.device.type == "cuda" and prof._cuda
+    prof.finish()
+    assert len(prof.records) == 3
+    for r in prof.records[1:]:
+        assert r.phases["h2d"] > 0 and r.phases["forward"] > 0 and r.phases["backward"] > 0
+        assert sum(v for k, v in r.phases.items() if k != "other") <= r.time_s * (1 + 1e-6)
