@@ -191,6 +191,27 @@ def test_inner_modules_meet_no_hook_and_a_raising_forward_keeps_the_hooks() -> N
     assert len(records) == 2 and all(r.phases["forward"] > 0 for r in records)
 
 
+def test_thruput_loader_batches_are_data_wait_with_their_padding() -> None:
+    from thruput.data import Loader, MemorySource, Plan
+
+    docs = [f"document {i}: " + "words " * (1 + i % 37) for i in range(300)]
+    plan = Plan([MemorySource("docs", docs)], seq_len=64, tokens_per_batch=4 * 64, packing=False,
+                world_size=1, seed=0)
+    rec = _recorder()
+    model = torch.nn.Embedding(256, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ratios = []
+    with TorchHooks(rec), Loader(plan, backend="inline", steps=3) as loader:
+        for batch in loader:
+            ratios.append(batch["padding_ratio"])
+            model(batch["input_ids"]).sum().backward()
+            opt.step()
+    records = rec.close().records
+    assert [(r.tokens, r.samples) for r in records] == [(256, 4)] * 3
+    assert [r.useful_tokens for r in records] == [round(256 * (1 - x)) for x in ratios]
+    assert records[1].phases["data_wait"] > 0
+
+
 def test_hooks_refuse_a_second_install() -> None:
     hooks = TorchHooks(_recorder())
     with hooks, pytest.raises(RuntimeError, match="already installed"):

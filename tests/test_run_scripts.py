@@ -262,6 +262,13 @@ def test_module_form_runs_as_main_from_the_working_directory(tmp_path, monkeypat
     assert len(json.loads((tmp_path / "runs" / "tinytrain.json").read_text())["steps"]) == 2
 
 
+def test_script_without_optimizer_steps_says_why_it_has_no_steps(tmp_path, capsys) -> None:
+    script = _write(tmp_path, "infer.py", "import torch\nwith torch.no_grad():\n    torch.nn.Linear(2, 2)(torch.ones(1, 2))\n")
+    assert main(["run", "--no-status", "--out", str(tmp_path), "--", str(script)]) == 0
+    assert json.loads((tmp_path / "infer.json").read_text())["steps"] == []
+    assert "a step ends at optimizer.step(), and this run called none" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_torchrun_ranks_each_write_a_report(tmp_path) -> None:
     script = _write(tmp_path, "ddp.py", DDP)

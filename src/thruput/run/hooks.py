@@ -18,10 +18,11 @@ h2d            ``Tensor.to`` / ``Tensor.cuda`` from the CPU to a CUDA device (on
                is available: otherwise ``Tensor.to`` is left alone)
 =============  ==============================================================================
 
-Only calls on the thread that installed the hooks count (DataParallel replicas, pin-memory
-threads and autograd's device threads are not the training loop), and nothing is recorded
-while ``torch.compile`` traces, so the hooks never enter a graph. ``remove()`` restores every
-patched attribute and removes every handle.
+A forward re-run inside backward (activation checkpointing) is an outermost call there, so
+its time is forward, not backward. Only calls on the thread that installed the hooks count
+(DataParallel replicas, pin-memory threads and autograd's device threads are not the training
+loop), and nothing is recorded while ``torch.compile`` traces, so the hooks never enter a
+graph. ``remove()`` restores every patched attribute and removes every handle.
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def run_command(command: Command, options: RunOptions) -> int:
     if rank in (None, 0):
         _print_report(console, written, exit_info)
     else:
-        console.print(f"thruput run rank {rank}: wrote {written.paths['json']}", markup=False)
+        console.print(f"thruput run rank {rank}: wrote {written.paths['json']}", markup=False, soft_wrap=True)
     return exit_info.code
 
 
@@ -118,16 +118,16 @@ def _print_report(console: Console, written: Written, exit_info: ExitInfo) -> No
     steps = len(document["steps"])
     if steps == 0 and exit_info.error is None:
         console.print("thruput run: no step finished; a step ends at optimizer.step(), and this "
-                      "run called none", markup=False)
+                      "run called none", markup=False, soft_wrap=True)
     if steps and not document["summary"].get("tokens_per_s"):
         console.print("thruput run: no tokens counted: no loader batch and no forward with integer "
-                      "token ids as its first argument was seen", markup=False)
+                      "token ids as its first argument was seen", markup=False, soft_wrap=True)
     if exit_info.error is not None:
         console.print(f"thruput run: the script ended with {exit_info.error} (exit code "
                       f"{exit_info.code}); the report covers the {steps} steps finished before",
-                      markup=False)
+                      markup=False, soft_wrap=True)
     for kind, path in written.paths.items():
-        console.print(f"{kind}: {path}", markup=False)
+        console.print(f"{kind}: {path}", markup=False, soft_wrap=True)
 
 
 # --- launchers: torchrun and the like ---------------------------------------------------------
@@ -157,7 +157,7 @@ def _run_launcher(command: Command, options: RunOptions) -> int:
     console = Console(stderr=True)
     if not reports:
         console.print(f"thruput run: no rank wrote a report under {options.out}: the shim profiles "
-                      "processes started with RANK set (torchrun, torch.distributed.run)", markup=False)
+                      "processes started with RANK set (torchrun, torch.distributed.run)", markup=False, soft_wrap=True)
     for path in reports:
         document = load_json(path)
         exit_record = document["meta"].get("exit") or {}
