@@ -301,3 +301,29 @@ def test_cuda_steps_time_copies_and_device_phases_with_events() -> None:
     for r in prof.records[1:]:
         assert r.phases["h2d"] > 0 and r.phases["forward"] > 0 and r.phases["backward"] > 0
         assert sum(v for k, v in r.phases.items() if k != "other") <= r.time_s * (1 + 1e-6)
+
+
+def test_a_run_without_token_ids_has_no_padding_rather_than_all_padding() -> None:
+    prof = StepProfiler(warmup_steps=0)
+    for _ in range(2):
+        with prof.step(tokens=0, samples=8):  # float inputs: thruput run counts no tokens
+            pass
+    assert prof.summary()["padding_ratio"] == 0.0
+
+
+def test_rss_read_every_step_is_the_readers_own_after_a_fork() -> None:
+    from thruput.profile.memory import rss_bytes
+
+    rss_bytes()  # keeps /proc/self/statm open for the next steps
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (a DataLoader worker, say) grows by 256 MiB and reads its own RSS
+        start = rss_bytes()
+        grown = bytearray(256 * 2**20)
+        grown[::4096] = b"1" * len(grown[::4096])
+        os.write(write, str(rss_bytes() - start).encode())
+        os._exit(0)
+    os.close(write)
+    growth = int(os.read(read, 64))
+    os.waitpid(pid, 0)
+    assert growth > 200 * 2**20
