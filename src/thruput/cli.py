@@ -100,6 +100,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from thruput.run import CommandError, RunOptions, parse_command, run_command
+
+    try:
+        command = parse_command(args.cmd)
+    except CommandError as exc:
+        print(f"thruput run: {exc}", file=sys.stderr)
+        return 2
+    options = RunOptions(out=args.out, name=args.name or command.default_name(), html=args.html,
+                         trace=args.trace, status=not args.no_status, warmup_steps=args.warmup_steps,
+                         clock_hz=args.clock_hz)
+    return run_command(command, options)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from thruput import benchmarks
     from thruput.errors import InputError
@@ -187,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
     p.add_argument("--trace", metavar="OUT", help="also write a Chrome/Perfetto trace")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("run", help="profile an unmodified training script: thruput run -- python train.py ARGS",
+                       description="thruput run [OPTIONS] -- CMD, where CMD is `python script.py ARGS`, "
+                                   "`script.py ARGS`, `-m module ARGS` (run in this process) or a launcher "
+                                   "such as `torchrun --nproc_per_node 2 train.py` (each rank reports)")
+    p.add_argument("--out", default="runs", help="folder for the reports (default runs)")
+    p.add_argument("--name", help="report file stem (default: the script's name; ranks add -rankR)")
+    p.add_argument("--html", action="store_true", help="also write NAME.html")
+    p.add_argument("--trace", action="store_true", help="also write NAME.trace.json (Perfetto)")
+    p.add_argument("--no-status", action="store_true", help="no live status line on stderr")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps left out of the summary (default 1)")
+    p.add_argument("--clock-hz", type=float, default=20.0, help="clock sampling rate (default 20)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command to profile")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", parents=[common], add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
                        help=f"run a benchmark: {', '.join(benchmarks.names())}",

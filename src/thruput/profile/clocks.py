@@ -7,6 +7,7 @@ cannot be read is reported as absent with the reason; it never contributes zeros
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import threading
 import time
@@ -253,7 +254,9 @@ class ClockSampler:
                 series = self.series.get(source.name)
                 if series is None:
                     continue
-                idx = [i for i, t in enumerate(series.times) if start <= t < end]
+                # Samples are appended in time order: bisect, so a long run's per-step windows
+                # cost O(log n) each rather than a scan of the whole series.
+                idx = range(bisect.bisect_left(series.times, start), bisect.bisect_left(series.times, end))
                 if not idx:
                     continue
                 stats: dict = {"samples": len(idx)}

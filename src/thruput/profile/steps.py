@@ -195,6 +195,15 @@ class StepProfiler:
                 raise ValueError(f"unknown phase {name!r}; expected one of {PHASES[:-1]}")
             self._open.phases[name] = self._open.phases.get(name, 0.0) + seconds
 
+    def add_batch(self, tokens: int, samples: int, useful_tokens: int | None = None) -> None:
+        """Add one batch's counts to the open step, for callers that learn them during the step
+        (``thruput run`` counts the batches a loader yields); ``useful_tokens`` defaults to
+        ``tokens``. Without an open step it does nothing."""
+        if self._open is not None:
+            self._open.tokens += tokens
+            self._open.samples += samples
+            self._open.useful_tokens += tokens if useful_tokens is None else useful_tokens
+
     def counter(self, name: str, value: float) -> None:
         """Attach a number to the open step (recompiles, padding ratio, ...)."""
         if self._open is not None:
