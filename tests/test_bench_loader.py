@@ -85,6 +85,7 @@ def test_packed_peer_sees_thruputs_tokens_per_source_step_by_step(tmp_path) -> N
     tok = ByteTokenizer()
     for batch, _ in zip(peer, range(steps)):
         theirs.append(batch["tokens_per_source"])
+        # The peer yields transformers' unshifted labels.
         ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
         assert ids.shape == pos.shape == labels.shape == (1, tokens)  # one padding-free row
         starts = (pos[0] == 0).nonzero().flatten()

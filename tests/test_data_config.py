@@ -92,7 +92,7 @@ def test_train_with_a_tokenizer_folder_eos_and_a_schedule(data, bpe):
         assert loader.plan.eos_id == eos and loader.plan.tokenizer.path == data / "tok" / "tokenizer.json"
         assert loader.plan.weights_at(2).tolist() == [0.5, 0.5]  # linear at step 2 of 4, and 0.5
         batch = next(loader)
-        assert (batch["input_ids"] == eos).any() and (batch["labels"] == eos).any()
+        assert (batch["input_ids"] == eos).any() and (batch["shift_labels"] == eos).any()
     finally:
         loader.close()
     assert len(train(cfg).losses) == 2

@@ -29,7 +29,7 @@ def _document(plan: Plan, name: str, record: int) -> list[int]:
 def _check_batch(plan: Plan, batch: dict) -> list[int]:
     """Inputs, labels and positions of every piece against its document; the flat positions
     where a label is the EOS id because the next token of the document is its end."""
-    ids, labels, pos = (batch[k].flatten().tolist() for k in ("input_ids", "labels", "position_ids"))
+    ids, labels, pos = (batch[k].flatten().tolist() for k in ("input_ids", "shift_labels", "position_ids"))
     t, eos_targets = 0, []
     for i, (name, epoch, record, offset, n) in enumerate(batch["documents"]):
         if not plan.packing:  # one piece per row, then padding
@@ -51,7 +51,7 @@ def test_eos_ends_every_document_and_is_predicted_from_its_last_token(tokenizer,
     assert plan.eos_id == eos is not None
     for batch in _batches(plan, 6):
         targets = _check_batch(plan, batch)
-        labels, ids = batch["labels"].flatten(), batch["input_ids"].flatten()
+        labels, ids = batch["shift_labels"].flatten(), batch["input_ids"].flatten()
         assert torch.nonzero(labels == eos).flatten().tolist() == targets  # exactly at document ends
         assert (labels[ids == eos] == -100).all()  # nothing is predicted from the EOS itself
     assert any(_check_batch(plan, b) for b in _batches(plan, 6))
@@ -62,7 +62,7 @@ def test_eos_reaches_worker_processes(tokenizer):
     with Loader(plan, backend="process", workers={"max_workers": 1}, steps=3) as loader:
         batches = list(loader)
     for got, want in zip(batches, _batches(plan, 3)):
-        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["shift_labels"], want["shift_labels"])
     assert any((b["input_ids"] == tokenizer.eos_id).any() for b in batches)
 
 
@@ -74,7 +74,7 @@ def test_eos_reaches_ray_loaders(tokenizer, ray_address):
     with Loader(plan, backend="ray", workers=options, steps=2) as loader:
         batches = list(loader)
     for got, want in zip(batches, _batches(plan, 2)):
-        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["shift_labels"], want["shift_labels"])
     assert any((b["input_ids"] == tokenizer.eos_id).any() for b in batches)
 
 
@@ -84,7 +84,7 @@ def test_eos_off_keeps_minus_100_at_document_ends(tokenizer):
     for batch in _batches(plan, 4):
         _check_batch(plan, batch)  # documents without EOS: the label after a document's last token is -100
         assert not (batch["input_ids"] == tokenizer.eos_id).any()
-        assert not (batch["labels"] == tokenizer.eos_id).any()
+        assert not (batch["shift_labels"] == tokenizer.eos_id).any()
 
 
 def test_eos_default_follows_the_tokenizer():
@@ -115,7 +115,7 @@ def test_split_document_positions_continue_across_rows():
         _check_batch(plan, b)
     first = batches[0]
     assert first["position_ids"][1].tolist() == list(range(32, 64))  # the second row continues
-    assert first["labels"][0, -1] == 33  # the first row's last token predicts the second row's first
+    assert first["shift_labels"][0, -1] == 33  # the first row's last token predicts the second row's first
 
 
 def test_gpt_on_a_batch_equals_each_piece_alone_with_its_positions():

@@ -11,7 +11,7 @@ import torch
 
 from thruput.data import DataError, InlineBackend, JsonlSource, Loader, MemorySource, Plan, piecewise
 
-KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens")
+KEYS = ("input_ids", "shift_labels", "position_ids", "cu_seqlens")
 
 
 def docs(name, n, seed, lo=1, hi=90):
@@ -45,7 +45,7 @@ def test_batch_contract():
     with Loader(plan, rank=1, backend="inline") as loader:
         batch = next(loader)
     B, T = 4, 32
-    for k in ("input_ids", "labels", "position_ids"):
+    for k in ("input_ids", "shift_labels", "position_ids"):
         assert batch[k].shape == (B, T) and batch[k].dtype == torch.int64
     cu = batch["cu_seqlens"]
     assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == B * T
@@ -58,7 +58,7 @@ def test_batch_contract():
     assert batch["step"] == 0
     # Labels are the next token of the same document, -100 at document ends.
     by_source = {s.name: s for s in plan.sources}
-    flat_ids, flat_labels = batch["input_ids"].flatten().tolist(), batch["labels"].flatten().tolist()
+    flat_ids, flat_labels = batch["input_ids"].flatten().tolist(), batch["shift_labels"].flatten().tolist()
     t = 0
     for name, epoch, record, offset, n in batch["documents"]:
         doc = by_source[name].text(record)
@@ -76,7 +76,7 @@ def test_no_packing_pads_rows_and_reports_padding():
     with Loader(plan, rank=0, backend="inline") as loader:
         batches = take(loader, 4)
     for b in batches:
-        real = (b["labels"] != -100) | (b["position_ids"] > 0)
+        real = (b["shift_labels"] != -100) | (b["position_ids"] > 0)
         pad = int((b["input_ids"].numel()) - sum(b["tokens_per_source"].values()))
         assert b["padding_ratio"] == pytest.approx(pad / b["input_ids"].numel())
         assert len(b["documents"]) == b["input_ids"].shape[0]  # one piece per row

@@ -132,19 +132,19 @@ def test_generate_gives_the_same_tokens() -> None:
 def _alone_loss(ref: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Each document piece of the batch run alone through the unpatched model; mean over targets."""
     b, t = batch["input_ids"].shape
-    flat = {k: batch[k].flatten() for k in ("input_ids", "labels", "position_ids")}
+    flat = {k: batch[k].flatten() for k in ("input_ids", "shift_labels", "position_ids")}
     cu = batch["cu_seqlens"].tolist()
     total = torch.zeros(())
     for start, end in zip(cu[:-1], cu[1:]):
         logits = ref(input_ids=flat["input_ids"][None, start:end],
                      position_ids=flat["position_ids"][None, start:end]).logits[0]
-        total = total + F.cross_entropy(logits, flat["labels"][start:end], reduction="sum")
-    return total / (batch["labels"] != -100).sum()
+        total = total + F.cross_entropy(logits, flat["shift_labels"][start:end], reduction="sum")
+    return total / (batch["shift_labels"] != -100).sum()
 
 
 def test_thruput_batch_fits_patched_and_unpatched_models() -> None:
     batch = _loader_batch()
-    assert (batch["labels"][:, -1] != -100).any()  # a document continues in the next row
+    assert (batch["shift_labels"][:, -1] != -100).any()  # a document continues in the next row
     ref, model = pair("llama")
     want = _alone_loss(ref, batch)
     patch(model)
@@ -152,6 +152,22 @@ def test_thruput_batch_fits_patched_and_unpatched_models() -> None:
     torch.testing.assert_close(model(**batch).loss, want, **TOL)
     ref.train()
     torch.testing.assert_close(ref(**hf_batch(batch)).loss, want, **TOL)  # transformers' own packing
+
+
+def test_a_raw_loader_batch_never_gets_its_targets_shifted_twice() -> None:
+    """The Loader's targets are ``shift_labels``: an unpatched model given the raw batch computes
+    no loss (it would shift ``labels`` again), and ``labels`` added to a Loader batch is refused."""
+    batch = _loader_batch()
+    assert "labels" not in batch
+    ref, model = pair("llama")
+    ref.train()
+    raw = {k: v for k, v in batch.items() if k in ("input_ids", "shift_labels", "position_ids")}
+    assert ref(**raw).loss is None
+    patch(model)
+    with pytest.raises(TypeError, match=r"\['labels'\] given both by the thruput batch and separately"):
+        model(**batch, labels=batch["shift_labels"])
+    with pytest.raises(ValueError, match="'labels'.* not keys of a thruput Loader batch"):
+        hf_batch({**batch, "labels": batch["shift_labels"]})
 
 
 def test_patched_model_refuses_unknown_keys() -> None:

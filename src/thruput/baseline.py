@@ -63,7 +63,7 @@ class ChunkDataset(Dataset):
 
 
 class PadCollate:
-    """Pad to the longest chunk of the batch; labels are -100 on padding."""
+    """Pad to the longest chunk of the batch; ``shift_labels`` are -100 on padding."""
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
@@ -82,7 +82,7 @@ class PadCollate:
             per_source[self.names[s]] += n
             bounds += [b * longest + n] if n == longest else [b * longest + n, (b + 1) * longest]
         real = sum(per_source.values())
-        return {"input_ids": input_ids, "labels": labels,
+        return {"input_ids": input_ids, "shift_labels": labels,
                 "cu_seqlens": torch.tensor(bounds, dtype=torch.int32),
                 "tokens_per_source": per_source, "padding_ratio": 1 - real / input_ids.numel()}
 

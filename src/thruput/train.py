@@ -115,7 +115,7 @@ def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor]
         def fused(batch: dict) -> torch.Tensor:
             hidden = hidden_fn(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
             weight = model.lm_head.weight.to(hidden.dtype)  # bf16 under autocast; a no-op in fp32
-            return linear_cross_entropy(hidden.flatten(0, 1), weight, batch["labels"].flatten(),
+            return linear_cross_entropy(hidden.flatten(0, 1), weight, batch["shift_labels"].flatten(),
                                         ignore_index=IGNORE_INDEX)
 
         return fused
@@ -124,7 +124,7 @@ def build_loss(cfg: RunConfig, model: GPT, compiled: Callable[..., torch.Tensor]
 
     def naive(batch: dict) -> torch.Tensor:
         logits = forward_fn(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["shift_labels"].flatten(), ignore_index=IGNORE_INDEX)
 
     return naive
 
@@ -139,7 +139,7 @@ def evaluate(model: GPT, batches: list[dict]) -> float:
     try:
         for batch in batches:
             logits = model(batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids"))
-            labels = batch["labels"].flatten()
+            labels = batch["shift_labels"].flatten()
             total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels, ignore_index=IGNORE_INDEX,
                                            reduction="sum"))
             count += int((labels != IGNORE_INDEX).sum())
@@ -287,7 +287,7 @@ def train(
                 with prof.phase("h2d"):
                     batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                              for k, v in batch.items()}
-                useful = int((batch["labels"] != IGNORE_INDEX).sum())
+                useful = int((batch["shift_labels"] != IGNORE_INDEX).sum())
                 if cfg.profile.enabled:
                     record.tokens = batch["input_ids"].numel()
                     record.samples = batch["input_ids"].shape[0]

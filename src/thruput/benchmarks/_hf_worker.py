@@ -40,7 +40,7 @@ def packed_batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tens
                 labels[r, t + n - 1] = -100  # a document's last token has no target
             t += n
             cu.append(r * seq_len + t)
-    return {"input_ids": ids[:, :-1].contiguous(), "labels": labels, "position_ids": position_ids,
+    return {"input_ids": ids[:, :-1].contiguous(), "shift_labels": labels, "position_ids": position_ids,
             "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": int(np.diff(cu).max())}
 
 

@@ -283,7 +283,7 @@ def _batches(steps: int, seq_len: int, rows: int) -> list[tuple[torch.Tensor, to
             for batch in loader:
                 # packing off: one document piece per row, left-aligned, padding after it
                 t = max(doc[4] for doc in batch["documents"])
-                out.append(tuple(batch[k][:, :t].contiguous() for k in ("input_ids", "position_ids", "labels")))
+                out.append(tuple(batch[k][:, :t].contiguous() for k in ("input_ids", "position_ids", "shift_labels")))
     return out
 
 

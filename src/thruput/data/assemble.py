@@ -164,7 +164,7 @@ def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], s
     used = int(per_source.sum())
     return {
         "input_ids": input_ids,
-        "labels": labels,
+        "shift_labels": labels,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
         "cu_seqlens": np.asarray(cu, dtype=np.int32),

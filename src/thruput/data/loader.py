@@ -30,8 +30,10 @@ class Loader:
 
     Each batch is a dict:
 
-    * ``input_ids``, ``labels``, ``position_ids``: int64 ``[B, T]`` with ``B = rows per rank``,
-      ``T = seq_len``. ``labels[b, t]`` is the target of ``input_ids[b, t]`` (already shifted);
+    * ``input_ids``, ``shift_labels``, ``position_ids``: int64 ``[B, T]`` with ``B = rows per
+      rank``, ``T = seq_len``. ``shift_labels[b, t]`` is the target of ``input_ids[b, t]``
+      (already shifted, named as transformers' loss names shifted targets; there is no
+      ``labels`` key, so a model that shifts ``labels`` itself cannot shift these twice);
       -100 at padding and at the last token of a document (with ``plan.eos``, documents end in
       the EOS token: the label of the token before it is the EOS id). ``position_ids`` are each
       token's position in its document: 0 where a document begins, and a piece of a document

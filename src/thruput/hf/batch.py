@@ -1,8 +1,9 @@
 """A thruput Loader batch in Hugging Face's convention.
 
-The Loader's ``labels`` are already shifted (``labels[b, t]`` is the target of ``input_ids[b, t]``;
-see ``thruput.data.Loader``); a transformers causal LM shifts ``labels`` again. Its loss also
-accepts ``shift_labels``, targets already shifted, which :func:`hf_batch` passes: unlike
+The Loader's targets are already shifted (``shift_labels[b, t]`` is the target of
+``input_ids[b, t]``; see ``thruput.data.Loader``), under the name transformers' loss gives
+shifted targets. A Loader batch has no ``labels``, so an unpatched model given it raw computes
+no loss (it never shifts the targets twice). :func:`hf_batch` passes ``shift_labels``: unlike
 unshifted ``labels`` they keep the target of each row's last token (the next token of a
 document that continues in another row). The batch's document boundaries become
 transformers' packed-sequence keys, and ``use_cache=False`` keeps an unpatched model's own
@@ -17,18 +18,17 @@ import torch
 
 from thruput.hf.loss import IGNORE_INDEX
 
-# The keys of a thruput Loader batch. ``shift_labels`` is accepted as the name of the shifted
-# labels too (the name transformers gives them).
-TENSOR_KEYS = frozenset({"input_ids", "labels", "shift_labels", "position_ids", "segment_ids", "cu_seqlens",
+# The keys of a thruput Loader batch (no ``labels``: a call that adds them is refused as a clash).
+TENSOR_KEYS = frozenset({"input_ids", "shift_labels", "position_ids", "segment_ids", "cu_seqlens",
                          "max_seqlen"})
 METADATA_KEYS = frozenset({"tokens_per_source", "padding_ratio", "documents", "step"})
 LOADER_KEYS = TENSOR_KEYS | METADATA_KEYS
-# Present only in a Loader batch: a call carrying any of them is read as one (``labels`` shifted).
+# Present only in a Loader batch: a call carrying any of them is read as one.
 MARKER_KEYS = frozenset({"cu_seqlens", "max_seqlen"}) | METADATA_KEYS
 
 
 def is_loader_batch(keys: Any) -> bool:
-    """Whether a call's keys are those of a thruput Loader batch (its ``labels`` then are shifted)."""
+    """Whether a call's keys are those of a thruput Loader batch."""
     return not MARKER_KEYS.isdisjoint(keys)
 
 
@@ -76,20 +76,17 @@ def hf_batch(batch: Mapping[str, Any]) -> dict[str, Any]:
     right where the previous piece of its row ended is renumbered from 0, so that an unpatched
     model's packed-sequence rule sees the boundary.
 
-    Raises ``ValueError`` naming keys that are not a Loader batch's (nothing is dropped silently),
-    and for a batch with both ``labels`` and ``shift_labels``.
+    Raises ``ValueError`` naming keys that are not a Loader batch's (nothing is dropped silently;
+    ``labels`` is one: a Loader's targets are ``shift_labels``).
     """
     unknown = sorted(set(batch) - LOADER_KEYS)
     if unknown:
         raise ValueError(f"hf_batch: {unknown} are not keys of a thruput Loader batch "
                          f"(known: {sorted(LOADER_KEYS)}); pass them to the model separately")
-    if "labels" in batch and "shift_labels" in batch:
-        raise ValueError("hf_batch: the batch has both 'labels' and 'shift_labels'; a Loader batch's "
-                         "shifted labels are one of them")
     out: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         out["position_ids"] = _visible_boundaries(batch["position_ids"], batch.get("segment_ids"))
-    targets = batch.get("shift_labels", batch.get("labels"))
+    targets = batch.get("shift_labels")
     if targets is not None:
         out["shift_labels"] = targets
         out["labels"] = unshifted_labels(targets)

@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 PadValue = int | float | str  # a fill value, or "arange" for position ids
 
 # segment_ids -1: the padded columns are a segment of their own (real ids are >= 0)
-DEFAULT_PAD_VALUES: dict[str, PadValue] = {"labels": -100, "position_ids": "arange", "segment_ids": -1}
+DEFAULT_PAD_VALUES: dict[str, PadValue] = {"labels": -100, "shift_labels": -100, "position_ids": "arange", "segment_ids": -1}
 
 
 def _check_buckets(name: str, buckets: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -93,7 +93,7 @@ class BucketedCompiled:
     Every tensor argument whose leading dims are ``(B, T)`` is padded to ``(B', T')``: ``T'`` is
     the smallest of ``buckets`` >= T, ``B'`` likewise from ``batch_buckets`` (B is kept when that
     is None). Padding uses ``pad_values[name]`` for the argument called ``name`` (default
-    ``labels=-100``, ``position_ids="arange"``, ``segment_ids=-1``, anything else 0). Tensor
+    ``labels=-100``, ``shift_labels=-100``, ``position_ids="arange"``, ``segment_ids=-1``, anything else 0). Tensor
     outputs whose leading dims are ``(B', T')`` are sliced back to ``(B, T)``; other outputs (a
     loss) pass unchanged, so a loss function that uses ``ignore_index=-100`` returns exactly the
     unpadded loss.
