@@ -4,8 +4,9 @@ torchrun (gloo), profiled by ``StepProfiler``, with a slowdown planted on one ra
 Every rank sleeps ``--base`` seconds in its forward (a step of known length, so the planted
 ratio is well defined on a loaded machine), reduces the loss scale and the gradients with
 thruput's own collectives (``backward_global_mean``'s all-reduce and ``GradientBuckets``),
-and writes ``OUT/NAME-rankR.json``. Planted on ``--slow-rank`` in every ``--every``-th step
-after the warm-up step, by ``--case``:
+and writes ``OUT/CASE/NAME-rankR.json`` for each of ``--cases`` (one launch, one process group,
+so the cases share the start-up cost). Planted on ``--slow-rank`` in every ``--every``-th step
+after the warm-up step, by case:
 
 * ``sleep``: ``--extra`` more seconds in its forward;
 * ``clock``: the same, while its clock source (``FakeClock``, the only source every case
@@ -13,9 +14,9 @@ after the warm-up step, by ``--case``:
 * ``data``: ``--extra`` seconds inside its loader's ``next()``;
 * ``clean``: nothing.
 
-``--overhead-rounds R`` instead alternates rounds with and without the per-rank recorder
+``--overhead-rounds R`` then alternates rounds with and without the per-rank recorder
 (``StepProfiler(collectives=...)``; the arm that goes first alternates) and rank 0 writes
-``OUT/overhead.json``: the median step time of each arm per round.
+``OUT/overhead.json``: the median wall and process CPU time of a step, per arm and round.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from thruput.comm import GradientBuckets
 from thruput.profile import ClockSampler, StepProfiler, run_document, save_json
 from thruput.train import backward_global_mean
 
+CASES = ("clean", "sleep", "clock", "data")
 FULL_MHZ = 3000.0
 DROPPED_MHZ = 1500.0
 
@@ -59,34 +61,41 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--name", default="job")
-    p.add_argument("--case", choices=["clean", "sleep", "clock", "data"], default="clean")
+    p.add_argument("--cases", default="clean", help="comma-separated: clean, sleep, clock, data")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--slow-rank", type=int, default=1)
     p.add_argument("--every", type=int, default=1, help="plant in every k-th step after the warm-up step")
     p.add_argument("--base", type=float, default=0.02, help="seconds every rank sleeps in its forward")
     p.add_argument("--extra", type=float, default=0.2, help="planted seconds")
     p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--overhead-dim", type=int, default=256, help="model width of the overhead rounds (no sleep)")
     p.add_argument("--overhead-rounds", type=int, default=0)
     p.add_argument("--steps-per-round", type=int, default=5)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.cases.split(",")) - set(CASES)
+    if unknown:
+        p.error(f"unknown --cases {sorted(unknown)}; known: {', '.join(CASES)}")
+    return args
 
 
 class Step:
-    """The model, its collectives and optimizer; ``run(prof, planted)`` trains one step."""
+    """The model, its collectives and optimizer; ``run(prof, planted)`` trains one step of
+    ``case`` (``base`` seconds of sleep in every forward, ``extra`` planted)."""
 
-    def __init__(self, args: argparse.Namespace, clock: FakeClock) -> None:
+    def __init__(self, args: argparse.Namespace, clock: FakeClock, dim: int, base: float) -> None:
         torch.manual_seed(0)
-        self.args, self.clock = args, clock
+        self.args, self.clock, self.base = args, clock, base
+        self.case = "clean"
         self.world = dist.get_world_size()
-        self.model = torch.nn.Sequential(torch.nn.Linear(args.dim, args.dim), torch.nn.ReLU(),
-                                         torch.nn.Linear(args.dim, 1))
+        self.model = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.ReLU(),
+                                         torch.nn.Linear(dim, 1))
         self.comm = GradientBuckets(self.model.parameters(), op="all_reduce")
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(dist.get_rank())
-        self.x, self.y = torch.randn(32, args.dim, generator=gen), torch.randn(32, 1, generator=gen)
+        self.x, self.y = torch.randn(32, dim, generator=gen), torch.randn(32, 1, generator=gen)
 
     def batch(self, planted: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if planted and self.args.case == "data":
+        if planted and self.case == "data":
             time.sleep(self.args.extra)
         return self.x, self.y
 
@@ -96,9 +105,10 @@ class Step:
             with prof.phase("data_wait"):
                 x, y = self.batch(planted)
             with prof.phase("forward"):
-                time.sleep(args.base)
-                if planted and args.case in ("sleep", "clock"):
-                    self.clock.mhz = DROPPED_MHZ if args.case == "clock" else FULL_MHZ
+                if self.base:
+                    time.sleep(self.base)
+                if planted and self.case in ("sleep", "clock"):
+                    self.clock.mhz = DROPPED_MHZ if self.case == "clock" else FULL_MHZ
                     time.sleep(args.extra)
                     self.clock.mhz = FULL_MHZ
                 loss = torch.nn.functional.mse_loss(self.model(x), y)
@@ -110,22 +120,24 @@ class Step:
                 self.opt.zero_grad(set_to_none=True)
 
 
-def planted_step(args: argparse.Namespace, rank: int, step: int) -> bool:
-    return args.case != "clean" and rank == args.slow_rank and step >= 1 and (step - 1) % args.every == 0
+def planted_step(args: argparse.Namespace, case: str, rank: int, step: int) -> bool:
+    return case != "clean" and rank == args.slow_rank and step >= 1 and (step - 1) % args.every == 0
 
 
-def overhead(args: argparse.Namespace, step: Step, clock: FakeClock) -> None:
-    rounds: dict[str, list[float]] = {"with_recorder": [], "without_recorder": []}
+def overhead(args: argparse.Namespace, step: Step) -> None:
+    arms = ["with_recorder", "without_recorder"]
+    rounds: dict[str, list[float]] = {f"{arm}_{clock}": [] for arm in arms for clock in ("wall_s", "cpu_s")}
     for i in range(args.overhead_rounds):
-        arms = ["with_recorder", "without_recorder"]
         for arm in arms if i % 2 == 0 else arms[::-1]:
             prof = StepProfiler(warmup_steps=0, collectives=arm == "with_recorder")
-            times = []
+            wall, cpu = [], []
             for _ in range(args.steps_per_round):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step.run(prof, planted=False)
-                times.append(time.perf_counter() - t0)
-            rounds[arm].append(statistics.median(times))
+                wall.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
+            rounds[f"{arm}_wall_s"].append(statistics.median(wall))
+            rounds[f"{arm}_cpu_s"].append(statistics.median(cpu))
     if dist.get_rank() == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "overhead.json").write_text(json.dumps(rounds))
@@ -137,18 +149,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     clock = FakeClock()
-    step = Step(args, clock)
     try:
+        step = Step(args, clock, args.dim, args.base)
+        for case in args.cases.split(","):
+            step.case = case
+            prof = StepProfiler(clocks=ClockSampler([clock], hz=50), warmup_steps=1)
+            for i in range(args.steps):
+                step.run(prof, planted_step(args, case, rank, i))
+            document = run_document(prof, name=f"{args.name}-rank{rank}",
+                                    meta={"planted": {"case": case, "rank": args.slow_rank, "every": args.every,
+                                                      "extra_s": args.extra, "base_s": args.base}})
+            save_json(document, Path(args.out) / case / f"{args.name}-rank{rank}.json")
         if args.overhead_rounds:
-            overhead(args, step, clock)
-            return
-        prof = StepProfiler(clocks=ClockSampler([clock], hz=50), warmup_steps=1)
-        for i in range(args.steps):
-            step.run(prof, planted_step(args, rank, i))
-        document = run_document(prof, name=f"{args.name}-rank{rank}",
-                                meta={"planted": {"case": args.case, "rank": args.slow_rank, "every": args.every,
-                                                  "extra_s": args.extra, "base_s": args.base}})
-        save_json(document, Path(args.out) / f"{args.name}-rank{rank}.json")
+            overhead(args, Step(args, clock, args.overhead_dim, 0.0))
     finally:
         dist.destroy_process_group()
 

@@ -6,7 +6,8 @@ does not (its extra time is in ``comm_wait``). In each step every rank's work is
 median work of the *other* ranks (with two ranks, the other one: a median that includes the
 slow rank would halve the signal). A rank is slow in a step when that ratio is at least
 ``STRAGGLER_RATIO`` and the excess at least ``STRAGGLER_SHARE`` of the step time; it is a
-straggler when it is slow in at least ``STRAGGLER_STEPS`` of the compared steps.
+straggler when it is slow in at least ``STRAGGLER_STEPS`` of the compared steps, and in at least
+``STRAGGLER_MIN_STEPS``.
 
 For each straggler the finding names the ratio and the excess (medians over its slow steps),
 the phase with the largest excess over the other ranks, and the cause from the evidence:
@@ -29,8 +30,9 @@ from thruput.profile.steps import PHASES
 from thruput.profile.verdict import Finding, Verdict, _finding
 
 STRAGGLER_RATIO = 1.2    # a rank's work over the median of the others' in one step
-STRAGGLER_SHARE = 0.05   # the excess as a share of the step time, so microsecond noise is no straggler
-STRAGGLER_STEPS = 0.25   # share of the compared steps a rank must be slow in
+STRAGGLER_SHARE = 0.10   # the excess as a share of the step time, so microsecond noise is no straggler
+STRAGGLER_STEPS = 0.25   # share of the compared steps a rank must be slow in,
+STRAGGLER_MIN_STEPS = 2  # and at least this many: one descheduled step is noise, not a straggler
 THROTTLED_SHARE = 0.10   # throttled share above the other ranks'
 CLOCK_DROP = 0.90        # mean clock below this fraction of the other ranks'
 WORK_RATIO = 1.05        # tokens over the other ranks' median: imbalanced work
@@ -114,7 +116,7 @@ def stragglers(job: dict[str, Any], measured: Steps) -> list[Finding]:
             if ratios[r][s] >= STRAGGLER_RATIO and excess[r][s] >= STRAGGLER_SHARE * step_time:
                 slow[r].append(s)
     found = [_straggler(r, slow[r], ratios[r], excess[r], measured, len(steps))
-             for r in ranks if slow[r] and len(slow[r]) >= STRAGGLER_STEPS * len(steps)]
+             for r in ranks if len(slow[r]) >= max(STRAGGLER_MIN_STEPS, STRAGGLER_STEPS * len(steps))]
     return sorted(found, key=lambda f: f.score, reverse=True)
 
 
