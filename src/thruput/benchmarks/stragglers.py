@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", type=float, default=0.05, help="seconds of every rank's forward")
     parser.add_argument("--overhead-rounds", type=int, default=20)
     parser.add_argument("--steps-per-round", type=int, default=10)
+    parser.add_argument("--keep", metavar="DIR", help="keep the rank documents in DIR/worldN/CASE/ "
+                                                      "(thruput report DIR/world2/sleep renders one)")
 
 
 def launch(world: int, out: Path, argv: list[str], timeout_s: float = LAUNCH_TIMEOUT_S) -> None:
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         worlds[4] = ["clean", "sleep"]
     result: dict = {"steps": steps, "extra_s": args.extra, "base_s": args.base, "every": 2, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="thruput-stragglers-") as tmp:
+        tmp = getattr(args, "keep", None) or tmp
         for world, cases in worlds.items():
             out = Path(tmp) / f"world{world}"
             slow_rank = world // 2
