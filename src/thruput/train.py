@@ -349,11 +349,12 @@ def train(
         from thruput.profile import render_terminal
 
         render_terminal(result.document)
-    if cfg.profile.report_dir and rank == 0:
+    if cfg.profile.report_dir:  # every rank writes its own: `thruput report DIR/` merges them
         from thruput.profile import save_html, save_json
 
-        save_json(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.json")
-        save_html(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.html")
+        stem = cfg.name if world == 1 else f"{cfg.name}-rank{rank}"
+        save_json(result.document, Path(cfg.profile.report_dir) / f"{stem}.json")
+        save_html(result.document, Path(cfg.profile.report_dir) / f"{stem}.html")
     return result
 
 
