@@ -251,3 +251,29 @@ def test_a_slow_loader_on_a_throttled_rank_is_conflicting():
 def test_one_noisy_step_is_not_a_straggler():
     job = merge_job([("a", document(0, 2, [0.1] * 8)), ("b", document(1, 2, [0.1] * 7 + [0.5]))])
     assert job["verdict"]["bottleneck"] == "balanced"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_cuda_record_comes_from_events_resolved_late(tmp_path):
+    from thruput.comm import GradientBuckets
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(256, 256, device="cuda")
+        comm = GradientBuckets(model.parameters())
+        prof = StepProfiler("cuda", warmup_steps=0)
+        x = torch.ones(64, 256, device="cuda")
+        for _ in range(3):
+            with prof.step(tokens=1, samples=1):
+                with prof.phase("forward"):
+                    loss = (model(x) @ model.weight).sum()
+                with prof.phase("backward"):
+                    loss.backward()
+                prof.add_time("comm", comm.finish())
+        prof.finish()
+        for record in prof.records:
+            assert record.comm_wait is not None and record.comm_wait >= 0
+            assert 0 < record.compute_before_comm <= record.time_s
+    finally:
+        dist.destroy_process_group()

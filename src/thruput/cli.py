@@ -89,13 +89,10 @@ class StepLog:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from thruput.profile import load_json, render_terminal, save_html, save_trace
+    from thruput.profile import (load_job, load_json, render_job_terminal, render_terminal, save_html,
+                                 save_job_html, save_job_trace, save_trace)
 
     if Path(args.run).is_dir():  # the ranks' documents of one job, merged
-        from thruput.profile.job import load_job
-        from thruput.profile.job_report import render_job_terminal, save_job_html
-        from thruput.profile.trace import save_job_trace
-
         job = load_job(args.run)
         render_job_terminal(job)
         if args.html:
