@@ -277,3 +277,18 @@ def test_cuda_record_comes_from_events_resolved_late(tmp_path):
             assert 0 < record.compute_before_comm <= record.time_s
     finally:
         dist.destroy_process_group()
+
+
+def test_a_collective_on_another_thread_is_not_the_steps(clock):
+    import threading
+
+    prof = StepProfiler(warmup_steps=0)
+    with prof.step(tokens=1, samples=1):
+        def background() -> None:
+            with collective():
+                clock(1.0)
+
+        thread = threading.Thread(target=background)
+        thread.start()
+        thread.join()
+    assert prof.records[0].comm_wait is None

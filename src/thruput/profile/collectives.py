@@ -18,10 +18,12 @@ On CPU both are host wall time (``time.perf_counter``). On CUDA they come from C
 recorded on the current stream before and after each collective (NCCL makes the current
 stream wait for its work), read when the profiler resolves the step, one step late, never
 with a synchronize. Outside an open step, or with ``collectives=False``, ``collective()``
-returns a shared null context: one global read on the hot path.
+returns a shared null context: one global read on the hot path. Only the thread that opened
+the step records.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -34,11 +36,12 @@ class StepCollectives:
     """The collectives of one step. ``t0``: the step's host start; ``phases``: the step's
     host phase times (its ``data_wait`` so far is read at each collective's entry)."""
 
-    __slots__ = ("t0", "phases", "cuda", "depth", "wait", "count", "last_enter", "wait_before_last",
+    __slots__ = ("t0", "phases", "cuda", "thread", "depth", "wait", "count", "last_enter", "wait_before_last",
                  "data_before_last", "spans", "last_index")
 
     def __init__(self, t0: float, phases: dict[str, float], cuda: bool) -> None:
         self.t0, self.phases, self.cuda = t0, phases, cuda
+        self.thread = threading.get_ident()
         self.depth = 0
         self.wait = 0.0
         self.count = 0
@@ -112,9 +115,10 @@ _NULL = _Null()
 
 def collective() -> "_Span | _Null":
     """Context manager around one blocking collective (or the ``wait()`` of an async one),
-    recorded into the open profiled step; a no-op when no step is open."""
+    recorded into the open profiled step; a no-op when no step is open, and on another thread
+    than the one that opened it (a background optimizer update is not the step's critical path)."""
     acc = _open
-    return _NULL if acc is None else _Span(acc)
+    return _NULL if acc is None or acc.thread != threading.get_ident() else _Span(acc)
 
 
 def open_step(acc: StepCollectives | None) -> None:
