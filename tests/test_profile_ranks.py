@@ -292,3 +292,16 @@ def test_a_collective_on_another_thread_is_not_the_steps(clock):
         thread.start()
         thread.join()
     assert prof.records[0].comm_wait is None
+
+
+def test_ranks_without_a_collective_record_are_noted():
+    bare = document(1, 2, [0.1] * 3)
+    for s in bare["steps"]:
+        s["compute_before_comm"] = s["comm_wait"] = None
+    job = merge_job([("a", document(0, 2, [0.1] * 3)), ("b", bare)])
+    assert any(n.startswith("ranks [1] have no per-rank collective record") for n in job["notes"])
+
+
+def test_a_single_present_rank_is_no_verdict():
+    job = merge_job([("b", document(1, 2, [0.1] * 3))])
+    assert job["missing_ranks"] == [0] and job["verdict"]["bottleneck"] == "unknown"

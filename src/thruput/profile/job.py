@@ -88,6 +88,11 @@ def merge_job(documents: list[tuple[Path | str, dict[str, Any]]]) -> dict[str, A
     if len(set(counts.values())) > 1:
         notes.append(f"runs of different lengths (measured steps per rank: {counts}): "
                      f"compared the {len(common)} steps every rank has")
+    unrecorded = [r for r in ranks if all(s.get("compute_before_comm") is None for s in measured[r].values())]
+    if unrecorded:
+        notes.append(f"ranks {unrecorded} have no per-rank collective record (no collective seen, e.g. DDP's C++ "
+                     f"reducer): their own work is estimated as step time less comm, and waits hidden inside "
+                     f"other phases count as work")
     job: dict[str, Any] = {
         "schema": JOB_SCHEMA,
         "name": _job_name(by_rank[ranks[0]][1]),

@@ -82,16 +82,16 @@ def plot_timeline(job: dict[str, Any]) -> str:
     end = max(offsets[r] + s["start_s"] + s["time_s"] for r in ranks for s in docs[r]["steps"]) if any(
         docs[r]["steps"] for r in ranks) else 1.0
     chart = Chart("timeline: own work (dark) and wait at collectives (light) per rank", "seconds since the first step",
-                  "rank", (0.0, end), (-0.5, len(ranks) - 0.5))
-    for row, rank in enumerate(ranks):
+                  "rank", (0.0, end), (min(ranks) - 0.5, max(ranks) + 0.5), y_integer=True)
+    for rank in ranks:
         for s in docs[rank]["steps"]:
             t0 = offsets[rank] + s["start_s"]
             if s.get("compute_before_comm") is None:
-                chart.bar(t0, t0 + s["time_s"], row - 0.35, row + 0.35, COLORS["other"])
+                chart.bar(t0, t0 + s["time_s"], rank - 0.35, rank + 0.35, COLORS["other"])
                 continue
             work = s["compute_before_comm"] + s["phases"].get("data_wait", 0.0)
-            chart.bar(t0, t0 + work, row - 0.35, row + 0.35, COLORS["forward"])
-            chart.bar(t0 + work, t0 + work + s["comm_wait"], row - 0.35, row + 0.35, COLORS["comm"])
+            chart.bar(t0, t0 + work, rank - 0.35, rank + 0.35, COLORS["forward"])
+            chart.bar(t0 + work, t0 + work + s["comm_wait"], rank - 0.35, rank + 0.35, COLORS["comm"])
     chart.legend([("own work", COLORS["forward"]), ("comm wait", COLORS["comm"]),
                   ("no per-rank record", COLORS["other"])])
     return chart.svg()

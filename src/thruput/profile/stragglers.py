@@ -101,8 +101,6 @@ def _straggler(rank: int, slow: list[int], ratios: dict[int, float], excess: dic
 def stragglers(job: dict[str, Any], measured: Steps) -> list[Finding]:
     """One finding per straggling rank (see the module docstring), strongest first."""
     ranks, steps = job["ranks"], job["steps"]
-    if len(ranks) < 2:
-        return []
     ratios: dict[int, dict[int, float]] = {r: {} for r in ranks}
     excess: dict[int, dict[int, float]] = {r: {} for r in ranks}
     slow: dict[int, list[int]] = {r: [] for r in ranks}
@@ -125,7 +123,11 @@ JOB_RULES: list[Callable[[dict[str, Any], Steps], list[Finding]]] = [stragglers]
 
 def job_verdict(job: dict[str, Any], measured: Steps) -> Verdict:
     """The job's verdict: "straggler" (one finding per slow rank), "conflicting" when a
-    straggler's evidence points at more than one cause, or "balanced"."""
+    straggler's evidence points at more than one cause, "balanced", or "unknown" with one rank."""
+    if len(job["ranks"]) < 2:
+        return Verdict("unknown", [Finding("one rank present: no other rank to compare with", 0.0,
+                                           {"ranks": job["ranks"], "missing_ranks": job["missing_ranks"]},
+                                           "merge the other ranks' documents")])
     findings = [f for rule in JOB_RULES for f in rule(job, measured)]
     if not findings:
         spread = [s["spread_s"] for s in job["spread"]]
