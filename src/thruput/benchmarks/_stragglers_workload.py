@@ -14,9 +14,9 @@ after the warm-up step, by case:
 * ``data``: ``--extra`` seconds inside its loader's ``next()``;
 * ``clean``: nothing.
 
-``--overhead-rounds R`` then alternates rounds with and without the per-rank recorder
-(``StepProfiler(collectives=...)``; the arm that goes first alternates) and rank 0 writes
-``OUT/overhead.json``: the median wall and process CPU time of a step, per arm and round.
+``--overhead-rounds R`` then alternates steps with and without the per-rank recorder
+(``StepProfiler(collectives=...)``; the arm that goes first alternates per pair) and rank 0
+writes ``OUT/overhead.json``: the median wall and process CPU time of a step, per arm and round.
 """
 from __future__ import annotations
 
@@ -125,19 +125,21 @@ def planted_step(args: argparse.Namespace, case: str, rank: int, step: int) -> b
 
 
 def overhead(args: argparse.Namespace, step: Step) -> None:
-    arms = ["with_recorder", "without_recorder"]
+    """Steps alternate between the two arms (each pair in alternating order), so load that
+    drifts over seconds falls on both alike; per round, the median step of each arm."""
+    arms = {"with_recorder": StepProfiler(warmup_steps=0, collectives=True),
+            "without_recorder": StepProfiler(warmup_steps=0, collectives=False)}
     rounds: dict[str, list[float]] = {f"{arm}_{clock}": [] for arm in arms for clock in ("wall_s", "cpu_s")}
-    for i in range(args.overhead_rounds):
-        for arm in arms if i % 2 == 0 else arms[::-1]:
-            prof = StepProfiler(warmup_steps=0, collectives=arm == "with_recorder")
-            wall, cpu = [], []
-            for _ in range(args.steps_per_round):
+    for _ in range(args.overhead_rounds):
+        times: dict[str, list[float]] = {key: [] for key in rounds}
+        for i in range(args.steps_per_round):
+            for arm in list(arms) if i % 2 == 0 else list(arms)[::-1]:
                 t0, c0 = time.perf_counter(), time.process_time()
-                step.run(prof, planted=False)
-                wall.append(time.perf_counter() - t0)
-                cpu.append(time.process_time() - c0)
-            rounds[f"{arm}_wall_s"].append(statistics.median(wall))
-            rounds[f"{arm}_cpu_s"].append(statistics.median(cpu))
+                step.run(arms[arm], planted=False)
+                times[f"{arm}_wall_s"].append(time.perf_counter() - t0)
+                times[f"{arm}_cpu_s"].append(time.process_time() - c0)
+        for key, values in times.items():
+            rounds[key].append(statistics.median(values))
     if dist.get_rank() == 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "overhead.json").write_text(json.dumps(rounds))

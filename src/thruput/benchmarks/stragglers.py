@@ -13,9 +13,9 @@ equal on every rank (``per_rank_step_time_ratio``, the slow rank's median step t
 others': about 1), so it cannot tell which rank is slow.
 
 ``overhead_ratio`` (2 ranks): median step time with the per-rank recorder over without it
-(``StepProfiler(collectives=True/False)``), in interleaved rounds in the same launch (the arm
-that goes first alternates), on a model with no sleep; the median over rounds of the per-round
-ratio, of wall time (``overhead_ratio``) and of process CPU time (``overhead_cpu_ratio``, the
+(``StepProfiler(collectives=True/False)``), steps interleaved in the same launch (the arm that
+goes first alternates per pair), on a model with no sleep; the median over rounds of the
+per-round ratio, of wall time (``overhead_ratio``) and of process CPU time (``overhead_cpu_ratio``, the
 steadier on a shared machine: being descheduled adds wall time, not CPU time). Goal <= 1.01.
 ``recorder_us_per_step`` is the recorder's own cost, measured in-process on empty spans.
 """
@@ -119,7 +119,7 @@ def recorder_cost_us(collectives_per_step: int, steps: int = 2000) -> float:
         return (time.perf_counter() - t0) / steps
 
     on, off = [], []
-    for _ in range(5):
+    for _ in range(7):
         on.append(cost(True))
         off.append(cost(False))
     return max(0.0, min(on) - min(off)) * 1e6
