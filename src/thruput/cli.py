@@ -89,8 +89,17 @@ class StepLog:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from thruput.profile import load_json, render_terminal, save_html, save_trace
+    from thruput.profile import (load_job, load_json, render_job_terminal, render_terminal, save_html,
+                                 save_job_html, save_job_trace, save_trace)
 
+    if Path(args.run).is_dir():  # the ranks' documents of one job, merged
+        job = load_job(args.run)
+        render_job_terminal(job)
+        if args.html:
+            print(f"HTML report: {save_job_html(job, args.html)}")
+        if args.trace:
+            print(f"Perfetto trace: {save_job_trace(job, args.trace)}")
+        return 0
     document = load_json(args.run)
     render_terminal(document)
     if args.html:
@@ -196,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint that loads (newer ones that do not are named)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("report", parents=[common], help="render a saved run (RUN.json) as a table, HTML or trace")
-    p.add_argument("run", help="run document written by the profiler")
+    p = sub.add_parser("report", parents=[common], help="render a saved run (RUN.json), or merge a job's ranks (DIR/), as a table, HTML or trace")
+    p.add_argument("run", help="run document written by the profiler, or a folder of one job's rank documents")
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
     p.add_argument("--trace", metavar="OUT", help="also write a Chrome/Perfetto trace")
     p.set_defaults(func=_cmd_report)

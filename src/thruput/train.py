@@ -22,6 +22,7 @@ from thruput.config import ConfigError, RunConfig, to_dict
 from thruput.data_config import build_sources, build_tokenizer, check_data
 from thruput.models import GPT, GPTConfig
 from thruput.profile import ClockSampler, StepProfiler, lookup_peak, measure_cpu_peak, run_document
+from thruput.profile.collectives import collective
 
 IGNORE_INDEX = -100
 
@@ -348,11 +349,12 @@ def train(
         from thruput.profile import render_terminal
 
         render_terminal(result.document)
-    if cfg.profile.report_dir and rank == 0:
+    if cfg.profile.report_dir:  # every rank writes its own: `thruput report DIR/` merges them
         from thruput.profile import save_html, save_json
 
-        save_json(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.json")
-        save_html(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.html")
+        stem = cfg.name if world == 1 else f"{cfg.name}-rank{rank}"
+        save_json(result.document, Path(cfg.profile.report_dir) / f"{stem}.json")
+        save_html(result.document, Path(cfg.profile.report_dir) / f"{stem}.html")
     return result
 
 
@@ -365,7 +367,8 @@ def backward_global_mean(loss: torch.Tensor, labelled: int, world: int, device: 
         loss.backward()
         return labelled
     total = torch.tensor([labelled], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(total)
+    with collective():  # rank-level wait for the slowest forward (thruput.profile.collectives)
+        dist.all_reduce(total)
     (loss * (world * labelled / max(1, int(total)))).backward()
     return int(total)
 

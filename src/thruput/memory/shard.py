@@ -23,6 +23,7 @@ from thruput.comm import GradientBuckets
 from thruput.memory.adam import BLOCK
 from thruput.memory.offload import OffloadAdamW, Segment
 from thruput.memory.shard_stream import ShardStream
+from thruput.profile.collectives import collective
 
 
 class Zero2OffloadAdamW(OffloadAdamW):
@@ -171,7 +172,8 @@ class Zero2OffloadAdamW(OffloadAdamW):
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp) -> Tensor:
         # NCCL reduces GPU tensors only: the parameters' GPU, not whichever device is current.
         work = t.to(self.device if self._cuda else "cuda") if self._nccl else t
-        dist.all_reduce(work, op=op, group=self.process_group)
+        with collective():  # the per-rank record of the wait (thruput.profile.collectives)
+            dist.all_reduce(work, op=op, group=self.process_group)
         return work.to(t.device)
 
     def _reduce_sum(self, value: float) -> float:
@@ -198,12 +200,13 @@ class Zero2OffloadAdamW(OffloadAdamW):
                 src = seg.master if seg.param_out is None else seg.param_out
                 local[start:start + seg.numel].copy_(src, non_blocking=self._cuda)
             full = torch.empty(bucket.padded_numel, dtype=bucket.dtype, device=bucket.device)
-            try:
-                dist.all_gather_single(full, local, group=self.process_group)
-            except (RuntimeError, NotImplementedError):  # backends without the flat variant
-                if self._nccl:  # NCCL has it: this is a communicator failure, not a missing op
-                    raise
-                dist.all_gather(list(full.chunk(self.world_size)), local, group=self.process_group)
+            with collective():
+                try:
+                    dist.all_gather_single(full, local, group=self.process_group)
+                except (RuntimeError, NotImplementedError):  # backends without the flat variant
+                    if self._nccl:  # NCCL has it: this is a communicator failure, not a missing op
+                        raise
+                    dist.all_gather(list(full.chunk(self.world_size)), local, group=self.process_group)
             with torch.no_grad():
                 for p, off in zip(bucket.params, bucket.offsets):
                     p.data.view(-1).copy_(full[off:off + p.numel()])
