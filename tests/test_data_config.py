@@ -150,8 +150,8 @@ def test_memory_and_registered_kinds_build_through_the_registry(data, monkeypatc
 
     built = []
 
-    def upper(s, data_cfg, common):
-        built.append((s.name, data_cfg.seq_len, common))
+    def upper(s, run_cfg, common):
+        built.append((s.name, run_cfg.data.seq_len, common))
         return MemorySource(s.name, [t.upper() for t in s.options["texts"]], **common)
 
     kind = SourceKind(upper, options={"texts": list})

@@ -174,9 +174,9 @@ def test_checkpoint_of_another_run_is_refused_naming_the_key(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"step_00000003.pt does not fit this run: model.d_model is 32 in the "
                                               r"checkpoint, 64 in this run$"):
         train(_cfg(tmp_path, steps=6, **{"model.d_model": 64}), resume=True)
+    code = {"name": "code", "kind": "stdlib_code", "options": {"max_files": 20}}
     with pytest.raises(CheckpointError, match=r"data.sources is \['code', 'prose'\] in the checkpoint, \['code'\]"):
-        train(_cfg(tmp_path, steps=6, **{"data.sources": [{"name": "code", "kind": "stdlib_code", "options": {"max_files": 20}}]}),
-              resume=True)
+        train(_cfg(tmp_path, steps=6, **{"data.sources": [code]}), resume=True)
     # A checkpoint without the config (written elsewhere, or before it was saved) is checked tensor by tensor.
     path = latest_checkpoint(tmp_path / "ckpt")
     state = load_checkpoint(path)

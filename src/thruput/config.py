@@ -211,7 +211,7 @@ class RunConfig:
         from thruput.data_config import check_source  # the registry of kinds imports thruput.data
 
         for i, s in enumerate(self.data.sources):
-            check_source(self.data, i)
+            check_source(self, i)
             if isinstance(s.weight, ScheduleConfig):
                 s.weight.check(f"data.sources[{i}].weight")
             elif s.weight < 0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from thruput.config import ConfigError, DataConfig, RunConfig, ScheduleConfig, SourceConfig
+from thruput.config import ConfigError, RunConfig, ScheduleConfig, SourceConfig
 from thruput.data import (ByteTokenizer, DataError, FieldError, HFTokenizer, JsonlSource, MalformedRecord,
                           MemorySource, ParquetSource, Source, TextFilesSource)
 
@@ -29,18 +29,18 @@ _CHECKED_RECORDS = 8  # records read per file-backed source by check_data
 class SourceKind:
     """How one ``kind`` of ``data.sources`` becomes a source.
 
-    ``build(s, data, common)`` returns the ``thruput.data`` source of ``SourceConfig`` ``s``
-    (``data``: the run's ``DataConfig``; ``common``: the ``weight`` and ``on_error`` keywords every
-    source takes). ``files``: the kind reads ``path``, which is then required and opened by
-    ``check_data``. ``options``: the names and types of the keys it takes in ``options``.
-    ``check(s, data, key)``: further validation, raising ``ConfigError`` naming a key under
-    ``key`` (``data.sources[i]``) or another key of the run.
+    ``build(s, cfg, common)`` returns the ``thruput.data`` source of ``SourceConfig`` ``s`` (``cfg``:
+    the ``RunConfig``; ``common``: the ``weight`` and ``on_error`` keywords every source takes).
+    ``files``: the kind reads ``path``, which is then required and opened by ``check_data``.
+    ``options``: the names and types of the keys it takes in ``options``. ``check(s, cfg, key)``:
+    further validation, raising ``ConfigError`` naming a key under ``key`` (``data.sources[i]``)
+    or another key of the run.
     """
 
-    build: Callable[[SourceConfig, DataConfig, dict[str, Any]], Source]
+    build: Callable[[SourceConfig, RunConfig, dict[str, Any]], Source]
     files: bool = False
     options: dict[str, type] = field(default_factory=dict)
-    check: Callable[[SourceConfig, DataConfig, str], None] | None = None
+    check: Callable[[SourceConfig, RunConfig, str], None] | None = None
 
 
 _KINDS: dict[str, SourceKind] = {}
@@ -72,10 +72,10 @@ def source_kind(name: str, key: str = "kind") -> SourceKind:
     return _KINDS[name]
 
 
-def check_source(data: DataConfig, index: int) -> None:
+def check_source(cfg: RunConfig, index: int) -> None:
     """``ConfigError`` naming the key when ``data.sources[index]`` is not a valid source of its
     kind: an unknown kind, a missing ``path``, an option the kind does not take or of a wrong type."""
-    s, key = data.sources[index], f"data.sources[{index}]"
+    s, key = cfg.data.sources[index], f"data.sources[{index}]"
     kind = source_kind(s.kind, f"{key}.kind")
     if kind.files and not s.path:
         raise ConfigError(f"{key}.path: required for kind {s.kind!r}")
@@ -87,28 +87,28 @@ def check_source(data: DataConfig, index: int) -> None:
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(f"{key}.options.{name}: expected {want.__name__}, got {type(value).__name__} {value!r}")
     if kind.check is not None:
-        kind.check(s, data, key)
+        kind.check(s, cfg, key)
 
 
 def build_source(cfg: RunConfig, s: SourceConfig) -> Source:
     """One configured source as a ``thruput.data`` source, built by its kind."""
     weight = s.weight.build() if isinstance(s.weight, ScheduleConfig) else s.weight
-    return source_kind(s.kind).build(s, cfg.data, {"weight": weight, "on_error": cfg.data.on_error})
+    return source_kind(s.kind).build(s, cfg, {"weight": weight, "on_error": cfg.data.on_error})
 
 
-def _memory_check(s: SourceConfig, data: DataConfig, key: str) -> None:
+def _memory_check(s: SourceConfig, cfg: RunConfig, key: str) -> None:
     texts = s.options.get("texts")
     if not texts or not all(isinstance(t, str) for t in texts):
         raise ConfigError(f"{key}.options.texts: kind 'memory' needs a non-empty list of strings")
 
 
 register_source_kind("jsonl", SourceKind(
-    lambda s, data, common: JsonlSource(s.name, s.path, text_field=s.text_field, **common), files=True))
+    lambda s, cfg, common: JsonlSource(s.name, s.path, text_field=s.text_field, **common), files=True))
 register_source_kind("parquet", SourceKind(
-    lambda s, data, common: ParquetSource(s.name, s.path, text_field=s.text_field, **common), files=True))
-register_source_kind("text", SourceKind(lambda s, data, common: TextFilesSource(s.name, s.path, **common), files=True))
+    lambda s, cfg, common: ParquetSource(s.name, s.path, text_field=s.text_field, **common), files=True))
+register_source_kind("text", SourceKind(lambda s, cfg, common: TextFilesSource(s.name, s.path, **common), files=True))
 register_source_kind("memory", SourceKind(
-    lambda s, data, common: MemorySource(s.name, s.options["texts"], **common), options={"texts": list},
+    lambda s, cfg, common: MemorySource(s.name, s.options["texts"], **common), options={"texts": list},
     check=_memory_check))
 
 

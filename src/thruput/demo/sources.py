@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from thruput.config import ConfigError, DataConfig, SourceConfig
+from thruput.config import ConfigError, RunConfig, SourceConfig
 from thruput.data import JsonlSource, Source, TextFilesSource
 from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files, stdlib_sections
 from thruput.data_config import SourceKind
@@ -22,37 +22,37 @@ from thruput.data_config import SourceKind
 _OPTIONS = {"max_files": int}
 
 
-def _check_max_files(s: SourceConfig, data: DataConfig, key: str) -> None:
+def _check_max_files(s: SourceConfig, cfg: RunConfig, key: str) -> None:
     if s.options.get("max_files", 1) <= 0:
         raise ConfigError(f"{key}.options.max_files: must be positive, got {s.options['max_files']}")
 
 
-def _code(s: SourceConfig, data: DataConfig, common: dict[str, Any]) -> Source:
+def _code(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
     return TextFilesSource(s.name, stdlib_files(s.options.get("max_files")), **common)
 
 
-def _prose(s: SourceConfig, data: DataConfig, common: dict[str, Any]) -> Source:
+def _prose(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
     return TextFilesSource(s.name, stdlib_files(s.options.get("max_files")), transform=docstrings, **common)
 
 
-def _long(s: SourceConfig, data: DataConfig, common: dict[str, Any]) -> Source:
+def _long(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
     files = sorted(stdlib_files(), key=lambda p: (-p.stat().st_size, str(p)))[: s.options.get("max_files") or 64]
     return TextFilesSource(s.name, sorted(files), **common)
 
 
-def _sections(s: SourceConfig, data: DataConfig, common: dict[str, Any]) -> Source:
-    return JsonlSource(s.name, stdlib_sections(data.seq_len + 1, s.options.get("max_files")), **common)
+def _sections(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
+    return JsonlSource(s.name, stdlib_sections(cfg.data.seq_len + 1, s.options.get("max_files")), **common)
 
 
-def _check_sections(s: SourceConfig, data: DataConfig, key: str) -> None:
-    _check_max_files(s, data, key)
-    if data.seq_len < 3:
+def _check_sections(s: SourceConfig, cfg: RunConfig, key: str) -> None:
+    _check_max_files(s, cfg, key)
+    if cfg.data.seq_len < 3:
         raise ConfigError(f"data.seq_len: kind 'stdlib_sections' ({key}) cuts modules into rows of "
-                          f"seq_len + 1 >= 4 bytes, got seq_len {data.seq_len}")
+                          f"seq_len + 1 >= 4 bytes, got seq_len {cfg.data.seq_len}")
 
 
-def _definitions(part: str) -> Callable[[SourceConfig, DataConfig, dict[str, Any]], Source]:
-    def build(s: SourceConfig, data: DataConfig, common: dict[str, Any]) -> Source:
+def _definitions(part: str) -> Callable[[SourceConfig, RunConfig, dict[str, Any]], Source]:
+    def build(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
         return JsonlSource(s.name, stdlib_definitions(s.options.get("max_files"))[part], **common)
 
     return build

@@ -14,11 +14,12 @@ The corpus is made on the fly from the Python standard library: modules cut at l
 sections of one row (``seq_len`` + 1 bytes; the baseline would cut them into such chunks anyway,
 and a short run then draws code from many modules rather than reading a few end to end), one
 function or class per document (hundreds of bytes) and one docstring per document (tens to
-hundreds of bytes). With byte tokens, ``seq_len`` 1024 is a 1 KiB context. All runs see the same token mixture: the thruput plan weights sources by the
-baseline sampler's expected token shares. The thruput batch holds as many rows as the baseline's
-mean labelled tokens per step fill, and it runs as many steps as it takes to train on the same
-number of labelled tokens, so the loss curves are comparable token for token. Both models are
-scored on the same held-out documents (modules that neither run trains on).
+hundreds of bytes). With byte tokens, ``seq_len`` 1024 is a 1 KiB context. All runs see the same
+token mixture: the thruput plan (and the packed peer) weight sources by the baseline sampler's
+expected token shares. The thruput batch holds as many rows as the baseline's mean labelled
+tokens per step fill, and it runs as many steps as it takes to train on the same number of
+labelled tokens, so the loss curves are comparable token for token. Every model is scored on
+the same held-out documents (modules that no run trains on).
 """
 from __future__ import annotations
 
