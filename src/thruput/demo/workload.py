@@ -109,9 +109,9 @@ class DemoWorkload:
     """Builds the baseline dataset once and runs any variant of the demo on it."""
 
     def __init__(self, setup: DemoSetup, out_dir: Path) -> None:
-        from thruput.demo.padded_peer import ChunkDataset, sampled_chunks
         from thruput.data import ByteTokenizer
-        from thruput.train import build_sources
+        from thruput.data_config import build_sources
+        from thruput.demo.padded_peer import ChunkDataset, sampled_chunks
 
         self.setup, self.out_dir = setup, out_dir
         probe = variant_config(setup, (), name="baseline", rows=setup.baseline_rows, steps=setup.steps,
