@@ -172,3 +172,15 @@ def test_the_demo_kinds_are_not_in_the_core_config():
 
     assert typing.get_type_hints(SourceConfig)["kind"] is str
     assert not hasattr(SourceConfig, "max_files")
+
+
+def test_entry_point_kinds_are_listed_without_importing_them_and_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from thruput.data_config import source_kind, source_kinds\n"
+            "assert 'stdlib_sections' in source_kinds() and 'thruput.demo.sources' not in sys.modules\n"
+            "from thruput.demo.sources import STDLIB_SECTIONS\n"
+            "assert source_kind('stdlib_sections') is STDLIB_SECTIONS\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
