@@ -32,11 +32,11 @@ workers = {workers}
 [[data.sources]]
 name = "code"
 kind = "stdlib_code"
-max_files = 30
+options = {{ max_files = 30 }}
 [[data.sources]]
 name = "docs"
 kind = "stdlib_docstrings"
-max_files = 30
+options = {{ max_files = 30 }}
 weight = 0.5
 [optimizer]
 warmup_steps = 2

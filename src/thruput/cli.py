@@ -52,7 +52,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from thruput.demo import run_demo
+    from thruput.demo.present import run_demo
 
     run_demo(out_dir=Path(args.out), steps=args.steps, tiny=args.tiny)
     return 0
@@ -147,8 +147,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from thruput.console import make_console
     from thruput.memory.plan import parse_bytes, parse_count, plan, render_plan
 
     result = plan(
@@ -162,7 +161,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         d_model=args.d_model,
         n_layers=args.n_layers,
     )
-    Console().print(render_plan(result))
+    make_console().print(render_plan(result))
     return 0
 
 

@@ -24,7 +24,7 @@ from thruput.models import GPT, GPTConfig
 from thruput.profile import ClockSampler, StepProfiler, lookup_peak, measure_cpu_peak, run_document
 from thruput.profile.collectives import collective
 
-IGNORE_INDEX = -100
+from thruput.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -58,7 +58,7 @@ class StepInfo:
 def build_model(cfg: RunConfig) -> GPT:
     m = cfg.model
     return GPT(GPTConfig(vocab_size=m.vocab_size, d_model=m.d_model, n_layers=m.n_layers,
-                         n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len))
+                         n_heads=m.n_heads, mlp_ratio=m.mlp_ratio, max_seq_len=cfg.data.seq_len, attention=m.attention))
 
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -10,9 +10,11 @@ from thruput.profile.steps import PHASES, StepProfiler, StepRecord
 from thruput.profile.trace import chrome_trace, job_trace, save_job_trace, save_trace
 from thruput.profile.verdict import Finding, Verdict, verdict
 
+# What users call. Internals (clock sources, verdict findings, the demo's comparison page)
+# stay importable from their modules: thruput.profile.clocks, .verdict, .html.
 __all__ = [
-    "PHASES", "ClockSampler", "ClockSource", "CpuFreqSource", "Finding", "NvmlSource", "StepProfiler",
-    "StepRecord", "Verdict", "chrome_trace", "load_json", "lookup_peak", "measure_cpu_peak",
-    "render_comparison_html", "render_html", "render_terminal", "save_comparison_html", "run_document", "save_html", "save_json", "save_trace", "verdict",
+    "PHASES", "ClockSampler", "StepProfiler", "StepRecord", "Verdict", "chrome_trace", "load_json", "lookup_peak",
+    "measure_cpu_peak", "render_html", "render_terminal", "run_document", "save_html", "save_json", "save_trace",
+    "verdict",
     "collective", "job_trace", "load_job", "merge_job", "render_job_terminal", "save_job_html", "save_job_trace",
 ]

@@ -52,6 +52,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from thruput.console import make_console
 from thruput.errors import InputError
 from thruput.profile.steps import PHASES, StepProfiler
 from thruput.profile.verdict import verdict
@@ -133,7 +134,7 @@ def _fmt_bytes(n: float | None) -> str:
 
 def render_terminal(document: dict[str, Any], console: Console | None = None) -> None:
     """Print the run's phase table, headline numbers, clocks and verdict."""
-    console = console or Console()
+    console = console or make_console()
     s = document["summary"]
     if not s.get("steps"):
         console.print(f"{document['name']}: no measured steps", markup=False)
