@@ -6,8 +6,11 @@
                 seq_len=1024, tokens_per_batch=64 * 1024, world_size=8)
     with Loader(plan, rank=rank) as loader:
         for batch in loader: ...
+
+Who reads the sources is the Loader's ``backend`` (``thruput.data.backends``): ``"auto"``
+(``resolve_backend`` says what it picks), ``"inline"``, ``"process"``, ``"ray"``.
 """
-from thruput.data.backend import Backend, InlineBackend
+from thruput.data.backends import Backend, BackendOptions, InlineBackend, resolve_backend
 from thruput.data.balance import CostModel, assign_pieces, calibrate, lpt_equal_count
 from thruput.data.corpus import stdlib_corpus
 from thruput.data.errors import DataError
@@ -35,6 +38,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "Backend",
+    "BackendOptions",
     "ByteTokenizer",
     "Chunk",
     "CostModel",
@@ -60,5 +64,6 @@ __all__ = [
     "linear",
     "lpt_equal_count",
     "piecewise",
+    "resolve_backend",
     "stdlib_corpus",
 ]
