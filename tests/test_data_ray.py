@@ -243,22 +243,23 @@ def test_pools_grow_for_the_costly_source(ray_address):
 
 
 def test_resizing_moves_loaders_between_shared_processes(ray_address):
-    # Planner alone (no session): measured usage makes "a" grow to 3 loaders on a 4-CPU budget
-    # (4 processes), then "c" take them over; every roster entry keeps serving its own source.
+    # Planner alone (no session): measured usage makes "a" grow to 3 loaders on a 5-CPU budget
+    # (5 processes: b and c keep one each), then "c" take them over; every roster entry keeps
+    # serving its own source.
     from thruput.data.backends.ray.roles import Planner
     from thruput.data.stream import StreamOrder, tokenize_chunk
 
     plan = make_plan(world_size=1)
-    opts = {**ray_opts(ray_address), "min_workers": 1, "max_workers": 3, "cpu_budget": 4, "max_failures": 0}
+    opts = {**ray_opts(ray_address), "min_workers": 1, "max_workers": 3, "cpu_budget": 5, "max_failures": 0}
     planner = Planner.remote(plan, "fp", opts)
     try:
         grown = ray.get(planner.report.remote({"a": (1.0, 100), "b": (1e-3, 100), "c": (1e-3, 100)}))
         assert [len(grown[n]) for n in "abc"] == [3, 1, 1]
-        assert ray.get(planner.stats.remote())["loader_processes"] == 4
+        assert ray.get(planner.stats.remote())["loader_processes"] == 5
         moved = ray.get(planner.report.remote({"a": (0.0, 10**6), "c": (10**4, 100)}))
         assert [len(moved[n]) for n in "abc"] == [1, 1, 3]
         pids = ray.get(planner.pids.remote())["loaders"]
-        assert len(set(pids["c"])) == 3 and len({p for ps in pids.values() for p in ps}) == 4
+        assert len(set(pids["c"])) == 3 and len({p for ps in pids.values() for p in ps}) == 5
         for source in plan.sources:
             want = tokenize_chunk(source, plan.tokenizer, StreamOrder(source, plan.seed), 4, 3)
             for _, host in moved[source.name]:

@@ -8,14 +8,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
-
 import numpy as np
+import torch
 
 from thruput.data.assemble import STATE_VERSION, initial_state
 from thruput.data.backends import Backend, BackendOptions, make_backend
 from thruput.data.errors import DataError
 from thruput.data.plan import Plan
+
 _POLL_S = 0.1  # how often a blocked put or get checks that the other side is still there
 _JOIN_S = 10.0  # how long close() waits for the prefetch thread
 
