@@ -53,8 +53,9 @@ class Loader:
     ``"process"``; see ``thruput.data.resolve_backend``), or any object with the ``Backend``
     protocol. ``workers``: the backend's options (a mapping or ``BackendOptions``: pool sizes,
     ``chunk_docs``, Ray's ``address`` and ``run_id``, ...); one the backend does not read
-    raises ``DataError``. The backend never changes which tokens a step gets. ``prefetch`` batches are prepared ahead by a background thread. With a CUDA ``device``,
-    batches are pinned and copied without blocking. Iteration is endless unless ``steps`` is set.
+    raises ``DataError``. The backend never changes which tokens a step gets. ``prefetch``
+    batches are prepared ahead by a background thread. With a CUDA ``device``, batches are
+    pinned and copied without blocking. Iteration is endless unless ``steps`` is set.
 
     ``state_dict()`` describes the position after the last batch returned; loading it into a new
     Loader (any number of workers, any ``world_size`` that divides the rows) continues with
