@@ -80,6 +80,8 @@ class BackendOptions:
     @classmethod
     def of(cls, options: BackendOptions | Mapping[str, Any] | None = None, **fields: Any) -> BackendOptions:
         """``options`` (a mapping, or ``BackendOptions``) with ``fields`` on top; ``DataError`` for unknown keys."""
+        if isinstance(options, BackendOptions) and not fields:
+            return options
         base = dataclasses.asdict(options) if isinstance(options, BackendOptions) else dict(options or {})
         merged = {**base, **fields}
         known = [f.name for f in dataclasses.fields(cls)]
@@ -104,4 +106,5 @@ class BackendOptions:
 
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(BackendOptions)}
+# What the process and Ray backends both read; each adds its own (``READS`` on the backend).
 SHARED = ("min_workers", "max_workers", "cpu_budget", "chunk_docs", "prefetch_chunks", "rescale_every", "max_failures", "wait_s")
