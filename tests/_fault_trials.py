@@ -22,7 +22,7 @@ from pathlib import Path
 from test_data_loader import make_plan, same, take
 
 from thruput.data import DataError, Loader
-from thruput.data import worker_process
+from thruput.data.backends.process import worker as worker_process
 
 SHM = Path("/dev/shm")
 

@@ -17,7 +17,7 @@ import time
 from test_data_loader import docs, make_plan
 
 from thruput.data import Loader, MemorySource
-from thruput.data import worker_process
+from thruput.data.backends.process import worker as worker_process
 
 
 def slow(record):

@@ -8,7 +8,7 @@ import pytest
 def ray_address():
     """Address of a 127.0.0.1-only Ray instance (2 CPUs, no dashboard), shut down at session end."""
     ray = pytest.importorskip("ray")
-    from thruput.data.ray_backend import start_local_ray
+    from thruput.data.backends.ray.backend import start_local_ray
 
     address = start_local_ray(num_cpus=2, object_store_memory=200 * 2**20)
     yield address

@@ -184,3 +184,20 @@ def test_entry_point_kinds_are_listed_without_importing_them_and_load_on_first_u
             "from thruput.demo.sources import STDLIB_SECTIONS\n"
             "assert source_kind('stdlib_sections') is STDLIB_SECTIONS\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_plan_balances_with_the_cost_of_the_model_it_trains(data):
+    from thruput.data import CostModel
+
+    cfg = _cfg(data)
+    cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads = 128, 3, 4
+    loader = build_loader(cfg, 0, 1)
+    loader.close()
+    own = CostModel.for_transformer(128, n_layers=3, vocab_size=cfg.model.vocab_size, mlp_ratio=cfg.model.mlp_ratio)
+    assert loader.plan.cost == own and own.b / own.a != CostModel().b / CostModel().a  # not d_model=512's ratio
+    # 3 layers of 24·d² per token plus the head's 2·d·vocab; attention 2·d per token pair per layer
+    assert own == CostModel(a=3 * 24.0 * 128**2 + 2.0 * 128 * 256, b=3 * 2.0 * 128)
+    calibrated = CostModel(a=1.0, b=0.25)  # e.g. from thruput.data.calibrate
+    overridden = build_loader(cfg, 0, 1, cost=calibrated)
+    overridden.close()
+    assert overridden.plan.cost == calibrated

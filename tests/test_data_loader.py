@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from thruput.data import DataError, JsonlSource, Loader, MemorySource, Plan, piecewise
-from thruput.data.backend import InlineBackend
+from thruput.data.backends.inline import InlineBackend
 
 KEYS = ("input_ids", "shift_labels", "position_ids", "cu_seqlens")
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from thruput.data import ByteTokenizer, DataError, MemorySource
-from thruput.data.backend import InlineBackend
-from thruput.data.workers import ProcessBackend
+from thruput.data.backends import InlineBackend
+from thruput.data.backends.process.backend import ProcessBackend
 
 
 def shm_names():
@@ -139,7 +139,7 @@ def test_bad_worker_options():
 
 
 def fetch_all_like_inline(proc, sources, positions, n):
-    inline = InlineBackend(chunk_docs=proc.chunk_docs)
+    inline = InlineBackend(chunk_docs=proc.options.chunk_docs)
     inline.start(sources, ByteTokenizer(), seed=5, positions=positions)
     for _ in range(n):
         for s in sources:
@@ -168,7 +168,7 @@ def test_idle_worker_killed_is_replaced_and_its_tasks_redone():
 
 
 def test_block_of_a_worker_killed_before_it_replied_is_unlinked(tmp_path, monkeypatch):
-    from thruput.data import worker_process
+    from thruput.data.backends.process import worker as worker_process
 
     flag = tmp_path / "died"
     original = worker_process.write_block
@@ -212,7 +212,7 @@ def test_hung_source_raises_after_wait_s_and_close_kills_its_worker():
 
 
 def test_fetch_notices_that_the_pipe_server_died(monkeypatch):
-    from thruput.data.worker_pools import WorkerPools
+    from thruput.data.backends.process.pools import WorkerPools
 
     def broken(self, pool, worker, replied):
         raise RuntimeError("boom")

@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 INTERNALS = {
-    "thruput.data": {"Backend": "thruput.data.backend", "InlineBackend": "thruput.data.backend",
+    "thruput.data": {"Backend": "thruput.data.backends.base", "InlineBackend": "thruput.data.backends.inline",
                      "Chunk": "thruput.data.stream", "assign_pieces": "thruput.data.balance",
                      "lpt_equal_count": "thruput.data.balance", "DocumentTokenizer": "thruput.data.tokenize"},
     "thruput.profile": {"ClockSource": "thruput.profile.clocks", "CpuFreqSource": "thruput.profile.clocks",

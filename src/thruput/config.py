@@ -123,8 +123,9 @@ class DataConfig:
     batch_size: int = 8  # rows per rank per step
     pack: bool = True
     workers: int = 0  # CPU budget of source-loader workers; 0: preprocess in the training process
-    # "auto": inline (workers = 0) or local processes for one rank, Ray actors shared by all ranks
-    # for several; "ray" also for one rank. ray_address: an existing cluster (default: a local one).
+    # "auto" (thruput.data.resolve_backend, with cpu_budget = workers): Ray actors shared by all
+    # ranks for several or with a ray_address, else inline (workers = 0) or local processes;
+    # "ray" also for one rank. ray_address: an existing cluster (default: a local one).
     backend: Literal["auto", "inline", "process", "ray"] = "auto"
     ray_address: str | None = None
     on_error: Literal["raise", "skip"] = "raise"

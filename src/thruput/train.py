@@ -156,16 +156,20 @@ def batch_flops(model: GPT, batch: dict) -> float:
     return model.flops_per_token(float((lengths**2).sum()) / tokens) * tokens
 
 
-def build_loader(cfg: RunConfig, rank: int, world: int) -> Any:
-    """The data plane for this rank: packed rows of ``seq_len``, ``batch_size`` rows per rank."""
-    from thruput.data import Loader, Plan
+def build_loader(cfg: RunConfig, rank: int, world: int, cost: Any = None) -> Any:
+    """The data plane for this rank: packed rows of ``seq_len``, ``batch_size`` rows per rank.
 
-    d = cfg.data
+    Ranks are balanced by ``cost`` (a ``thruput.data.CostModel``), by default the FLOPs of the
+    model ``cfg.model`` describes (``CostModel.for_transformer``).
+    """
+    from thruput.data import CostModel, Loader, Plan, resolve_backend
+
+    d, m = cfg.data, cfg.model
+    if cost is None:
+        cost = CostModel.for_transformer(m.d_model, m.n_layers, m.vocab_size, m.mlp_ratio)
     plan = Plan(build_sources(cfg), seq_len=d.seq_len, tokens_per_batch=d.seq_len * d.batch_size * world,
-                packing=d.pack, world_size=world, seed=cfg.seed, tokenizer=build_tokenizer(cfg), eos=d.eos)
-    backend = d.backend
-    if backend == "auto":
-        backend = "ray" if world > 1 or d.ray_address else "process" if d.workers else "inline"
+                packing=d.pack, cost=cost, world_size=world, seed=cfg.seed, tokenizer=build_tokenizer(cfg), eos=d.eos)
+    backend = resolve_backend(d.backend, world, address=d.ray_address, cpu_budget=d.workers)
     if backend == "ray":
         # Every rank of one launch joins the same actors: torchrun gives all ranks one run id.
         run_id = os.environ.get("TORCHELASTIC_RUN_ID", cfg.name)

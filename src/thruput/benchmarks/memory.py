@@ -104,7 +104,7 @@ def descendants_pss() -> tuple[int, dict[int, int]]:
 def _cell_ray_idle() -> dict[str, Any]:
     import ray
 
-    from thruput.data.ray_backend import start_local_ray
+    from thruput.data.backends.ray.backend import start_local_ray
 
     start_local_ray(object_store_memory=256 * 2**20)
     time.sleep(3.0)  # Ray's agents and prestarted workers come up after init returns
@@ -129,7 +129,7 @@ def _cell_thruput(ranks: int, sources: int, state_mb: int, steps: int, shadows: 
     import ray
 
     from thruput.data import Loader
-    from thruput.data.ray_backend import start_local_ray
+    from thruput.data.backends.ray.backend import start_local_ray
 
     start_local_ray(object_store_memory=256 * 2**20)
     plan = _plan(ranks, sources, state_mb)

@@ -6,8 +6,11 @@
                 seq_len=1024, tokens_per_batch=64 * 1024, world_size=8)
     with Loader(plan, rank=rank) as loader:
         for batch in loader: ...
+
+Who reads the sources is the Loader's ``backend`` (``thruput.data.backends``): ``"auto"``
+(``resolve_backend`` says what it picks), ``"inline"``, ``"process"``, ``"ray"``.
 """
-from thruput.data.backend import Backend, InlineBackend
+from thruput.data.backends import Backend, BackendOptions, InlineBackend, resolve_backend
 from thruput.data.balance import CostModel, assign_pieces, calibrate, lpt_equal_count
 from thruput.data.corpus import stdlib_corpus
 from thruput.data.errors import DataError
@@ -34,8 +37,9 @@ def __getattr__(name: str) -> object:
 
 
 # What users call. Internals (backends, chunks, the balancing and packing functions, the
-# document tokenizer) stay importable from their modules: thruput.data.backend, .stream, .balance, .tokenize.
+# document tokenizer) stay importable from their modules: thruput.data.backends, .stream, .balance, .tokenize.
 __all__ = [
+    "BackendOptions",
     "ByteTokenizer",
     "CostModel",
     "DataError",
@@ -56,5 +60,6 @@ __all__ = [
     "cosine",
     "linear",
     "piecewise",
+    "resolve_backend",
     "stdlib_corpus",
 ]

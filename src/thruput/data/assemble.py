@@ -2,13 +2,14 @@
 
 ``StreamReader`` consumes one source's chunks in order and hands out document pieces; its
 cursor (stream position, token offset inside that document, skipped count) is all the state.
-``build_rows`` mixes the step's pieces, balances them over ranks and packs this rank's rows;
-``collate`` makes the tensors.
+Every backend builds with the same two functions, torch-free: ``build_batches`` (mix the step's
+pieces, balance them over ranks, pack and collate each rank's rows into numpy arrays) and
+``loader_state`` (the state after a step). ``open_readers`` starts the readers from a state.
 """
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from thruput.data.pack import Segment, one_per_row, pack_best_fit, pack_in_order
 from thruput.data.plan import Plan
 from thruput.data.stream import Chunk
 from thruput.labels import IGNORE_INDEX
+
+STATE_VERSION = 1  # the format of the loader state (``Loader.state_dict``)
 
 
 @dataclass
@@ -122,16 +125,8 @@ def rank_rows(plan: Plan, pieces: list[Piece], rank: int, world_size: int) -> li
     return [rows[i] for i in chosen]
 
 
-def collate(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], step: int) -> dict[str, Any]:
-    """Tensors for ``rows``: see ``Loader`` for the meaning of every key."""
-    import torch  # here, not at the top: Ray's constructor actors build batches without torch
-
-    arrays = collate_arrays(plan, pieces, rows, step)
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
-
-
 def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], step: int) -> dict[str, Any]:
-    """``collate`` with numpy arrays instead of tensors."""
+    """Numpy arrays for ``rows`` (the ``Loader`` makes tensors of them): see ``Loader`` for every key."""
     T = plan.seq_len
     B = len(rows)
     input_ids = np.zeros((B, T), dtype=np.int64)
@@ -172,4 +167,44 @@ def collate_arrays(plan: Plan, pieces: list[Piece], rows: list[list[Segment]], s
         "padding_ratio": 1.0 - used / (B * T) if B else 0.0,
         "documents": documents,
         "step": step,
+    }
+
+
+def initial_state(plan: Plan) -> dict[str, Any]:
+    """The loader state before step 0: every source at the start of its stream."""
+    return {
+        "version": STATE_VERSION,
+        "step": 0,
+        "seed": plan.seed,
+        "sources": {name: {"position": 0, "offset": 0, "skipped": 0} for name in plan.names},
+    }
+
+
+def open_readers(plan: Plan, state: Mapping[str, Any], fetch: Callable[[str], Callable[[], Chunk]]) -> list[StreamReader]:
+    """One reader per source, at its cursor in ``state``; ``fetch(name)`` gives that source's next-chunk call."""
+    cursors = state["sources"]
+    return [
+        StreamReader(s.name, len(s), fetch(s.name), **{k: int(v) for k, v in cursors[s.name].items()})
+        for s in plan.sources
+    ]
+
+
+def build_batches(
+    plan: Plan, readers: list[StreamReader], step: int, ranks: Sequence[int], world_size: int
+) -> list[dict[str, Any]]:
+    """The batches (numpy arrays) of ``ranks`` at ``step``, from one mix of the step's pieces.
+
+    Advances the readers past the step: call it once per step, in order.
+    """
+    pieces = mix(plan, readers, step)
+    return [collate_arrays(plan, pieces, rank_rows(plan, pieces, rank, world_size), step) for rank in ranks]
+
+
+def loader_state(plan: Plan, readers: list[StreamReader], step: int) -> dict[str, Any]:
+    """The loader state at ``step`` (the next step to build) with the readers' cursors: plain data."""
+    return {
+        "version": STATE_VERSION,
+        "step": step,
+        "seed": plan.seed,
+        "sources": {r.name: r.state() for r in readers},
     }

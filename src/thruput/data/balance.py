@@ -27,9 +27,19 @@ class CostModel:
     b: float = 2.0 * 512
 
     @classmethod
-    def for_transformer(cls, d_model: int) -> "CostModel":
-        """FLOPs per layer: ~24·d² per token (QKV, output, 4x MLP) and ~2·d per causal token pair."""
-        return cls(a=24.0 * d_model * d_model, b=2.0 * d_model)
+    def for_transformer(
+        cls, d_model: int, n_layers: int = 1, vocab_size: int = 0, mlp_ratio: float = 4.0
+    ) -> "CostModel":
+        """Forward FLOPs of a decoder-only transformer (backward is a constant multiple of them).
+
+        Per layer and token, 2 FLOPs per weight of QKV and output (4·d²) and of the MLP
+        (2·mlp_ratio·d²): 24·d² with the usual 4x MLP; attention costs ~2·d per token pair
+        over ``sum(L_i**2)``: QK^T and AV each 2·d per pair, over the L²/2 pairs of a causal
+        document. The LM head adds 2·d·vocab per token (once, not per layer). The defaults
+        give one layer without a head, whose ratio is that of any depth without one.
+        """
+        per_token = n_layers * 2.0 * (4.0 + 2.0 * mlp_ratio) * d_model * d_model + 2.0 * d_model * vocab_size
+        return cls(a=per_token, b=n_layers * 2.0 * d_model)
 
     def cost(self, lengths: Sequence[int] | np.ndarray) -> float:
         lengths = np.asarray(lengths, dtype=np.float64)

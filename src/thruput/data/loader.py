@@ -1,7 +1,6 @@
 """What the trainer iterates: batches for one rank, prefetched, with exact resumption."""
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -9,14 +8,14 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from thruput.data.assemble import StreamReader, collate, mix, rank_rows
-from thruput.data.backend import Backend, InlineBackend
+from thruput.data.assemble import STATE_VERSION, initial_state
+from thruput.data.backends import Backend, BackendOptions, make_backend
 from thruput.data.errors import DataError
 from thruput.data.plan import Plan
 
-STATE_VERSION = 1
 _POLL_S = 0.1  # how often a blocked put or get checks that the other side is still there
 _JOIN_S = 10.0  # how long close() waits for the prefetch thread
 
@@ -48,14 +47,15 @@ class Loader:
     * ``documents``: ``(source, epoch, record, token_offset, length)`` per piece, in row order.
     * ``step``: the step this batch belongs to.
 
-    ``backend`` is ``"process"`` (source-loader worker processes, ``workers`` options passed to
-    ``ProcessBackend``), ``"inline"`` (no processes), ``"ray"`` (Ray actors shared by all ranks,
-    ``workers`` options passed to ``RayBackend``: ``address``, ``run_id``, pool sizes, ...),
-    ``"auto"`` (``"ray"`` when ``world_size > 1`` or ``workers`` names an ``address``, else
-    ``"process"``), any object with the ``Backend`` protocol, or one that builds whole batches
-    (``open``/``batch``, like ``RayBackend``). ``None`` (the default) takes ``plan.backend``.
-    ``prefetch`` batches are prepared ahead by a background thread. With a CUDA ``device``,
-    batches are pinned and copied without blocking. Iteration is endless unless ``steps`` is set.
+    ``backend`` is who reads the sources: ``"process"`` (source-loader worker processes),
+    ``"inline"`` (no processes), ``"ray"`` (Ray actors shared by all ranks), ``"auto"`` (the
+    default: ``"ray"`` when ``world_size > 1`` or ``workers`` names an ``address``, else
+    ``"process"``; see ``thruput.data.resolve_backend``), or any object with the ``Backend``
+    protocol. ``workers``: the backend's options (a mapping or ``BackendOptions``: pool sizes,
+    ``chunk_docs``, Ray's ``address`` and ``run_id``, ...); one the backend does not read
+    raises ``DataError``. The backend never changes which tokens a step gets. ``prefetch``
+    batches are prepared ahead by a background thread. With a CUDA ``device``, batches are
+    pinned and copied without blocking. Iteration is endless unless ``steps`` is set.
 
     ``state_dict()`` describes the position after the last batch returned; loading it into a new
     Loader (any number of workers, any ``world_size`` that divides the rows) continues with
@@ -68,8 +68,8 @@ class Loader:
         rank: int = 0,
         world_size: int | None = None,
         *,
-        backend: str | Backend | None = None,
-        workers: Mapping[str, Any] | None = None,
+        backend: str | Backend = "auto",
+        workers: Mapping[str, Any] | BackendOptions | None = None,
         prefetch: int = 2,
         device: str | torch.device | None = None,
         steps: int | None = None,
@@ -85,13 +85,8 @@ class Loader:
         self.prefetch = prefetch
         self.steps = steps
         self.device = torch.device(device) if device is not None else None
-        self.backend = self._make_backend(plan.backend if backend is None else backend, workers, self.world_size)
-        self._state: dict[str, Any] = {
-            "version": STATE_VERSION,
-            "step": 0,
-            "seed": plan.seed,
-            "sources": {name: {"position": 0, "offset": 0, "skipped": 0} for name in plan.names},
-        }
+        self.backend = make_backend(backend, self.world_size, workers)
+        self._state: dict[str, Any] = initial_state(plan)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()  # each run gets its own queue and event
@@ -99,45 +94,11 @@ class Loader:
         self.wait_s = 0.0  # total time __next__ blocked waiting for data
         self.last_wait_s = 0.0
 
-    @staticmethod
-    def _make_backend(backend: str | Backend, workers: Mapping[str, Any] | None, world_size: int) -> Backend:
-        if backend == "auto":
-            backend = "ray" if world_size > 1 or (workers or {}).get("address") else "process"
-            if backend == "process":  # the keys that only choose and name a Ray run
-                workers = {k: v for k, v in (workers or {}).items() if k not in ("address", "run_id")}
-        if backend == "ray":
-            from thruput.data.ray_backend import RayBackend
-
-            return RayBackend(**(workers or {}))
-        if backend == "inline":
-            return InlineBackend(**(workers or {}))
-        if backend == "process":
-            from thruput.data.workers import ProcessBackend
-
-            return ProcessBackend(**(workers or {}))
-        if isinstance(backend, str):
-            raise DataError(f"loader: backend must be 'auto', 'process', 'inline', 'ray' or a Backend object, got {backend!r}")
-        return backend
-
     # --- production (background thread) -------------------------------------------------------
 
     def _start(self) -> None:
         state = self.state_dict()
-        if hasattr(self.backend, "batch"):  # builds whole batches itself (RayBackend)
-            self.backend.open(self.plan, self.rank, self.world_size, state)
-            build: Build = self.backend.batch
-        else:
-            self.backend.start(
-                self.plan.sources,
-                self.plan.document_tokenizer,
-                self.plan.seed,
-                {n: s["position"] for n, s in state["sources"].items()},
-            )
-            readers = [
-                StreamReader(src.name, len(src), functools.partial(self.backend.fetch, src.name), **state["sources"][src.name])
-                for src in self.plan.sources
-            ]
-            build = functools.partial(_build, self.plan, self.rank, self.world_size, readers)
+        self.backend.open(self.plan, self.rank, self.world_size, state)
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
         pin = self.device is not None and self.device.type == "cuda"
@@ -145,7 +106,7 @@ class Loader:
         # collected, and its __del__ stops the thread and the backend.
         self._thread = threading.Thread(
             target=_produce,
-            args=(build, state["step"], self.steps, pin, self._queue, self._stop),
+            args=(self.backend.batch, state["step"], self.steps, pin, self._queue, self._stop),
             name="thruput-loader",
             daemon=True,
         )
@@ -269,24 +230,12 @@ class Loader:
             pass
 
 
-def _build(plan: Plan, rank: int, world_size: int, readers: list[StreamReader], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Rank ``rank``'s batch of ``step`` and the state after it, from the backend's chunks."""
-    pieces = mix(plan, readers, step)
-    batch = collate(plan, pieces, rank_rows(plan, pieces, rank, world_size), step)
-    state = {
-        "version": STATE_VERSION,
-        "step": step + 1,
-        "seed": plan.seed,
-        "sources": {r.name: r.state() for r in readers},
-    }
-    return batch, state
-
-
 def _produce(build: Build, step: int, steps: int | None, pin: bool, out: queue.Queue[Any], stop: threading.Event) -> None:
-    """The prefetch thread: batches from ``step`` on into ``out`` until ``steps`` or ``stop``."""
+    """The prefetch thread: the backend's batches from ``step`` on, as tensors, into ``out`` until ``steps`` or ``stop``."""
     try:
         while not stop.is_set() and (steps is None or step < steps):
-            batch, state = build(step)
+            arrays, state = build(step)
+            batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
             if pin:
                 batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
             step += 1

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 
 import numpy as np
 
@@ -13,7 +13,6 @@ from thruput.data.sources import Source
 from thruput.data.tokenize import ByteTokenizer, DocumentTokenizer, Tokenizer
 
 BALANCE_STRATEGIES = ("lpt", "none")
-BACKENDS = ("auto", "process", "inline", "ray")
 
 
 @dataclass
@@ -35,9 +34,9 @@ class Plan:
       ``None`` (the default): when the tokenizer has one (``eos_id``; ``ByteTokenizer`` has none);
       ``True``: required (``DataError`` without one); ``False``: never. ``document_tokenizer``
       is what the source loaders run.
-    * ``backend``: who reads the sources, unless the ``Loader`` is told otherwise: ``"auto"``
-      (``"process"`` for one rank, ``"ray"`` for several or when a Ray address is given),
-      ``"process"``, ``"inline"`` or ``"ray"``. It never changes which tokens a step gets.
+
+    Who reads the sources is not part of the plan (it changes no token): ``Loader(plan,
+    backend=...)`` chooses; passing ``backend=`` here raises ``TypeError`` saying so.
 
     The tokens of step ``s`` are a pure function of (plan, seed, s) and the per-source stream
     cursors; the cursors are the whole resumable state. Raises ``DataError`` naming the field.
@@ -53,11 +52,17 @@ class Plan:
     seed: int = 0
     tokenizer: Tokenizer = field(default_factory=ByteTokenizer)
     weights: Callable[[int], Mapping[str, float]] | None = None
-    backend: str = "auto"
     eos: bool | None = None
     document_tokenizer: DocumentTokenizer = field(init=False, repr=False, compare=False)
+    _: KW_ONLY
+    backend: InitVar[None] = None  # moved to the Loader: caught to say so
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, backend: None) -> None:
+        if backend is not None:
+            raise TypeError(
+                f"Plan(backend={backend!r}): the backend is no longer part of the plan (it changes no token); "
+                f"pass it to the loader: Loader(plan, backend={backend!r}), or set data.backend in the run config"
+            )
         self.sources = list(self.sources)
         if not isinstance(self.seq_len, (int, np.integer)) or self.seq_len <= 0:
             raise DataError(f"plan: seq_len must be a positive integer, got {self.seq_len!r}")
@@ -70,8 +75,6 @@ class Plan:
         self.check_world_size(self.world_size)
         if self.balance not in BALANCE_STRATEGIES:
             raise DataError(f"plan: balance must be one of {BALANCE_STRATEGIES}, got {self.balance!r}")
-        if self.backend not in BACKENDS:
-            raise DataError(f"plan: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.eos not in (None, True, False):
             raise DataError(f"plan: eos must be True, False or None, got {self.eos!r}")
         eos_id = getattr(self.tokenizer, "eos_id", None)

@@ -18,6 +18,8 @@ from typing import Any
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
+from thruput.data.backends.options import BackendOptions
+from thruput.data.backends.scaling import in_flight
 from thruput.data.errors import DataError
 from thruput.data.stream import Chunk
 
@@ -31,9 +33,9 @@ def data_error(exc: RayTaskError) -> DataError:
 class _PoolClient:
     """One source's chunks, in stream order, for one constructor; hands a dead loader's runs to its shadow."""
 
-    def __init__(self, name: str, planner: Any, position: int, opts: Mapping[str, Any]) -> None:
+    def __init__(self, name: str, planner: Any, position: int, opts: BackendOptions) -> None:
         self.name, self.planner = name, planner
-        self.chunk_docs, self.prefetch = opts["chunk_docs"], opts["prefetch_chunks"]
+        self.chunk_docs, self.prefetch = opts.chunk_docs, opts.prefetch_chunks
         self.roster: list[tuple[int, Any]] = ray.get(planner.roster.remote(name))
         self.pending: deque[list[Any]] = deque()  # [start, object ref, loader key], stream order
         self.next_submit = position
@@ -50,7 +52,7 @@ class _PoolClient:
         entry[2] = key
 
     def _submit(self) -> None:
-        while len(self.pending) < max(self.prefetch, 2 * len(self.roster)):
+        while len(self.pending) < in_flight(self.prefetch, len(self.roster)):
             entry = [self.next_submit, None, None]
             self._send(entry)
             self.pending.append(entry)
@@ -102,7 +104,7 @@ class Constructor:
         self.begun = threading.Event()  # begin() and the ranks' batch() calls may arrive in any order
 
     def begin(
-        self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: Mapping[str, Any]
+        self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: BackendOptions
     ) -> None:
         """Start building ``world_size`` ranks' batches from ``state`` (once per actor)."""
         try:
@@ -114,21 +116,17 @@ class Constructor:
             self.begun.set()
 
     def _begin(
-        self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: Mapping[str, Any]
+        self, planner: Any, plan: Any, world_size: int, state: Mapping[str, Any], opts: BackendOptions
     ) -> None:
-        from thruput.data.assemble import StreamReader
+        from thruput.data.assemble import open_readers
 
         self.planner, self.plan, self.world_size = planner, plan, world_size
-        self.ahead, self.wait_s, self.rescale_every = opts["ahead"], opts["wait_s"], opts["rescale_every"]
+        self.ahead, self.wait_s, self.rescale_every = opts.ahead, opts.wait_s, opts.rescale_every
         cursors = state["sources"]
         self.pools = {
             s.name: _PoolClient(s.name, planner, int(cursors[s.name]["position"]), opts) for s in plan.sources
         }
-        self.readers = [
-            StreamReader(s.name, len(s), self.pools[s.name].fetch, **{k: int(v) for k, v in cursors[s.name].items()})
-            for s in plan.sources
-        ]
-        self.version = state["version"]  # the Loader's state format (loader.py imports torch; we do not)
+        self.readers = open_readers(plan, state, lambda name: self.pools[name].fetch)
         self.next_build = int(state["step"])
         self.wanted = [self.next_build] * world_size  # the next step each rank will ask for
         self.built: dict[int, tuple[list[Any], dict[str, Any]]] = {}
@@ -155,20 +153,10 @@ class Constructor:
                 self.cond.notify_all()
 
     def _build(self, step: int) -> tuple[list[Any], dict[str, Any]]:
-        from thruput.data.assemble import collate_arrays, mix, rank_rows
+        from thruput.data.assemble import build_batches, loader_state
 
-        pieces = mix(self.plan, self.readers, step)
-        batches = [
-            collate_arrays(self.plan, pieces, rank_rows(self.plan, pieces, rank, self.world_size), step)
-            for rank in range(self.world_size)
-        ]
-        state = {
-            "version": self.version,
-            "step": step + 1,
-            "seed": self.plan.seed,
-            "sources": {r.name: r.state() for r in self.readers},
-        }
-        return batches, state
+        batches = build_batches(self.plan, self.readers, step, range(self.world_size), self.world_size)
+        return batches, loader_state(self.plan, self.readers, step + 1)
 
     def batch(self, step: int, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """Rank ``rank``'s batch of ``step`` (numpy arrays) and the state after ``step``.

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from typing import Any
 
+from thruput.data.backends.process.worker import discard_block, register_block, take_block, worker_main
 from thruput.data.errors import DataError
 from thruput.data.sources import Source
 from thruput.data.stream import Chunk
 from thruput.data.tokenize import Tokenizer
-from thruput.data.worker_process import discard_block, register_block, take_block, worker_main
 
 log = logging.getLogger(__name__)
 

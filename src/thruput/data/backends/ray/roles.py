@@ -12,7 +12,7 @@
   function of (source, seed, positions), so any loader of a source can serve any run: that is
   what lets a shadow take over the runs a dead process's loaders held, with nothing lost or
   repeated.
-* ``Constructor`` (``ray_constructor``): pulls each source's chunks in stream order (tokens through Ray's
+* ``Constructor`` (``constructor``): pulls each source's chunks in stream order (tokens through Ray's
   object store), mixes, balances and collates every rank's batch of each step, up to ``ahead``
   steps past the slowest rank, and hands each rank its own.
 
@@ -28,12 +28,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from thruput.data.backends.options import BackendOptions
+from thruput.data.backends.ray.constructor import Constructor, data_error
+from thruput.data.backends.scaling import pool_sizes
 from thruput.data.errors import DataError
-from thruput.data.ray_constructor import Constructor, data_error
 from thruput.data.stream import Chunk, StreamOrder, tokenize_chunk
 
 PLANNER_NAME = "planner"
@@ -56,27 +57,6 @@ def plan_fingerprint(plan: Any) -> str:
 def session_key(world_size: int, state: Mapping[str, Any]) -> str:
     """Ranks that start the same world size from the same state share one constructor."""
     return hashlib.sha256(json.dumps([world_size, state], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def pool_sizes(cost_per_token: Sequence[float], demand: Sequence[float], budget: int, lo: int, hi: int) -> list[int]:
-    """Loaders per source: shares of ``budget`` proportional to cost per token x tokens consumed.
-
-    Each count is clamped to ``[lo, hi]``; leftover CPUs go to the largest fractional shares.
-    Without measurements every source gets ``lo``.
-    """
-    work = np.asarray(cost_per_token, dtype=float) * np.maximum(np.asarray(demand, dtype=float), 1.0)
-    if work.size == 0 or work.sum() <= 0:
-        return [lo] * len(work)
-    share = work / work.sum() * budget
-    counts = np.clip(np.floor(share), lo, hi).astype(int)
-    spare = budget - int(counts.sum())
-    for i in np.argsort(-(share - np.floor(share)), kind="stable"):
-        if spare <= 0:
-            break
-        if counts[i] < hi and share[i] > counts[i]:
-            counts[i] += 1
-            spare -= 1
-    return counts.tolist()
 
 
 def host_count(slots: Sequence[int], budget: int) -> int:
@@ -139,21 +119,21 @@ class _Pool:
 
 @ray.remote(num_cpus=0, max_concurrency=64)
 class Planner:
-    """The run's coordinator; see the module docstring. ``options`` are ``RayBackend``'s pool options."""
+    """The run's coordinator; see the module docstring. ``options``: ``RayBackend``'s ``BackendOptions`` (or a mapping of them)."""
 
-    def __init__(self, plan: Any, fingerprint: str, options: Mapping[str, Any]) -> None:
-        self.plan, self.fingerprint, self.opts = plan, fingerprint, dict(options)
-        self.budget = int(self.opts["cpu_budget"] or max(int(ray.cluster_resources().get("CPU", 1)), 1))
+    def __init__(self, plan: Any, fingerprint: str, options: BackendOptions | Mapping[str, Any]) -> None:
+        self.plan, self.fingerprint, self.opts = plan, fingerprint, BackendOptions.of(options)
+        self.budget = int(self.opts.cpu_budget or max(int(ray.cluster_resources().get("CPU", 1)), 1))
         self._lock = threading.RLock()
         self._next_key = 0
         self.sources = {s.name: s for s in plan.sources}
         self.pools = {name: _Pool() for name in self.sources}
         self.hosts: list[_Host] = []
-        self.shadows = [LoaderHost.remote() for _ in range(self.opts["shadows"])]
+        self.shadows = [LoaderHost.remote() for _ in range(self.opts.shadows)]
         self._warm_constructor: Any = Constructor.remote()  # the first session's, started alongside the loaders
         self.sessions: dict[str, dict[str, Any]] = {}
         self.closing = False
-        lo = self.opts["min_workers"]
+        lo = self.opts.min_workers
         wanted = host_count([lo] * len(self.sources), self.budget)
         adopting = [self._add_slot(n, self._host_for(n, wanted, {})) for _ in range(lo) for n in self.sources]
         self._adopting = [ref for ref in adopting if ref is not None]
@@ -256,7 +236,7 @@ class Planner:
             while True:
                 for n in moved:
                     self.pools[n].failures += 1
-                failing = [n for n in moved if self.pools[n].failures > self.opts["max_failures"]]
+                failing = [n for n in moved if self.pools[n].failures > self.opts.max_failures]
                 if failing:
                     raise DataError(self._failing(failing))
                 split = len(moved) > 1 and any(self.pools[n].failures > 1 for n in moved)
@@ -279,12 +259,12 @@ class Planner:
     def _take_shadow(self) -> Any:
         """A warm shadow (a cold process if none is left); the next shadow warms up in the background."""
         actor = self.shadows.pop(0) if self.shadows else LoaderHost.remote()
-        if len(self.shadows) < self.opts["shadows"]:
+        if len(self.shadows) < self.opts.shadows:
             self.shadows.append(LoaderHost.remote())
         return actor
 
     def _failing(self, failing: list[str]) -> str:
-        limit, deaths = self.opts["max_failures"], max(self.pools[n].failures for n in failing)
+        limit, deaths = self.opts.max_failures, max(self.pools[n].failures for n in failing)
         if len(failing) == 1:
             return (
                 f"source '{failing[0]}': its loader actors died {deaths} times (max_failures={limit}); "
@@ -315,7 +295,7 @@ class Planner:
             names = list(self.pools)
             cost = [p.cpu_s / p.tokens if p.tokens else 0.0 for p in self.pools.values()]
             demand = [p.tokens for p in self.pools.values()]
-            targets = pool_sizes(cost, demand, self.budget, self.opts["min_workers"], self.opts["max_workers"])
+            targets = pool_sizes(cost, demand, self.budget, self.opts.min_workers, self.opts.max_workers)
             work = {n: c * max(d, 1) or 1.0 for n, c, d in zip(names, cost, demand)}
             weight = {n: work[n] / t for n, t in zip(names, targets)}  # one loader's share of its source's work
             for name, target in zip(names, targets):

@@ -5,7 +5,7 @@
 Each rank connects to Ray (an existing cluster when ``address`` is given, else a local instance
 that rank 0 starts and the other ranks on the machine join), finds or creates the run's planner
 (named ``"planner"`` in namespace ``thruput-<run_id>``, so two runs never share actors) and
-asks the session's constructor for its batch of each step. The roles are in ``ray_roles``.
+asks the session's constructor for its batch of each step. The roles are in ``roles``.
 
 Failures:
 
@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import RayActorError, RayTaskError
 
+from thruput.data.backends.options import SHARED, BackendOptions
+from thruput.data.backends.ray.constructor import data_error
+from thruput.data.backends.ray.roles import PLANNER_NAME, Planner, plan_fingerprint
 from thruput.data.errors import DataError
-from thruput.data.ray_constructor import data_error
-from thruput.data.ray_roles import PLANNER_NAME, Planner, plan_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -125,61 +125,32 @@ def connect(address: str | None, rank: int, wait_s: float = 60.0) -> None:
 
 
 class RayBackend:
-    """Batches from the run's shared Ray actors; options are fixed at construction.
+    """Batches from the run's shared Ray actors; options (``BackendOptions``) are fixed at construction.
+
+    ``RayBackend(address=..., run_id="exp7")`` or ``RayBackend(BackendOptions(...))``:
 
     * ``address``: a Ray cluster (``"host:port"``, ``"auto"``); None uses the running
       connection or a local 127.0.0.1-only instance.
     * ``run_id``: names the namespace ``thruput-<run_id>``; default: a hash of the plan.
       Concurrent runs of the same plan need distinct ids.
     * ``min_workers``, ``max_workers``, ``cpu_budget`` (default: the cluster's CPUs): loaders
-      per source, sized from measured CPU seconds per token and tokens consumed, re-sized every
-      ``rescale_every`` steps. Sources share loader processes, one per CPU of the budget (a
-      source's own loaders are in distinct processes): many sources do not cost one process
-      (~65 MiB) each. ``chunk_docs`` documents per load call,
-      ``prefetch_chunks`` calls in flight per source; ``shadows`` warm spare loader processes;
-      ``max_failures`` loader deaths per source before the run stops.
+      per source, sized by ``scaling.pool_sizes`` every ``rescale_every`` steps. Sources share
+      loader processes, one per CPU of the budget (a source's own loaders are in distinct
+      processes): many sources do not cost one process (~65 MiB) each. ``chunk_docs``
+      documents per load call, ``prefetch_chunks`` calls in flight per source; ``shadows`` warm
+      spare loader processes; ``max_failures`` loader deaths per source before the run stops.
     * ``ahead``: steps built past the slowest rank; ``wait_s``: longest wait for one batch
       before ``DataError`` (a rank that stopped iterating); ``max_recoveries``: planner or
       constructor deaths survived per ``open``.
+
+    ``DataError`` for a process-only option (``start_method``).
     """
 
-    def __init__(
-        self,
-        *,
-        address: str | None = None,
-        run_id: str | None = None,
-        min_workers: int = 1,
-        max_workers: int = 4,
-        cpu_budget: int | None = None,
-        chunk_docs: int = 32,
-        prefetch_chunks: int = 4,
-        rescale_every: int = 16,
-        shadows: int = 1,
-        max_failures: int = 3,
-        ahead: int = 4,
-        wait_s: float = 300.0,
-        max_recoveries: int = 1,
-    ) -> None:
-        if not 1 <= min_workers <= max_workers:
-            raise DataError(f"ray backend: need 1 <= min_workers <= max_workers, got {min_workers}, {max_workers}")
-        for name, value in (("chunk_docs", chunk_docs), ("prefetch_chunks", prefetch_chunks), ("ahead", ahead)):
-            if value < 1:
-                raise DataError(f"ray backend: {name} must be >= 1, got {value}")
-        if shadows < 0 or max_failures < 0 or max_recoveries < 0 or rescale_every < 0:
-            raise DataError("ray backend: shadows, max_failures, max_recoveries and rescale_every must be >= 0")
-        self.address, self.run_id, self.max_recoveries = address, run_id, max_recoveries
-        self.options = {
-            "min_workers": min_workers,
-            "max_workers": max_workers,
-            "cpu_budget": cpu_budget,
-            "chunk_docs": chunk_docs,
-            "prefetch_chunks": prefetch_chunks,
-            "rescale_every": rescale_every,
-            "shadows": shadows,
-            "max_failures": max_failures,
-            "ahead": ahead,
-            "wait_s": wait_s,
-        }
+    READS = (*SHARED, "address", "run_id", "shadows", "ahead", "max_recoveries")
+
+    def __init__(self, options: BackendOptions | Mapping[str, Any] | None = None, **fields: Any) -> None:
+        self.options = BackendOptions.of(options, **fields).check_for("ray", self.READS)
+        self.address, self.run_id, self.max_recoveries = self.options.address, self.options.run_id, self.options.max_recoveries
         self.planner: Any = None
         self._session: tuple[str, Any] | None = None
         self._last_stats: dict[str, Any] = {}
@@ -238,12 +209,12 @@ class RayBackend:
     # --- data -------------------------------------------------------------------------------------
 
     def batch(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """This rank's batch of ``step`` (torch tensors, as ``Loader`` yields) and the state after it."""
+        """This rank's batch of ``step`` (numpy arrays) and the state after it."""
         if self._session is None:
             raise DataError("ray backend: open() must be called before batch()")
         ref = self._session[1].batch.remote(step, self.rank)
         # The constructor may wait wait_s for lagging ranks, then build: past twice that it is stuck.
-        deadline = time.monotonic() + 2 * self.options["wait_s"]
+        deadline = time.monotonic() + 2 * self.options.wait_s
         while True:
             try:
                 arrays, state = ray.get(ref, timeout=_POLL_S)
@@ -251,7 +222,7 @@ class RayBackend:
             except ray.exceptions.GetTimeoutError:
                 if time.monotonic() > deadline:
                     raise DataError(
-                        f"ray backend: no batch for step {step} in {2 * self.options['wait_s']:.0f} s from the data "
+                        f"ray backend: no batch for step {step} in {2 * self.options.wait_s:.0f} s from the data "
                         f"constructor of namespace {self.namespace!r}, which is alive (a source read that hangs?)"
                     ) from None
             except RayTaskError as exc:
@@ -263,7 +234,8 @@ class RayBackend:
             if self._session is None:  # close() from another thread: the Loader is shutting down
                 raise DataError("ray backend: closed while fetching")
         self._state = state
-        batch = {k: torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
+        # Arrays from the object store are read-only views of it: copy them out for the tensors.
+        batch = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in arrays.items()}
         return batch, state
 
     def _recover(self, step: int) -> None:

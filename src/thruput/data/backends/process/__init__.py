@@ -1,0 +1,1 @@
+"""The process backend: source-loader worker processes on this machine (``ProcessBackend``)."""

@@ -1,0 +1,1 @@
+"""The Ray backend: source loaders and batch construction in Ray actors shared by every rank (``RayBackend``)."""
