@@ -1,0 +1,125 @@
+"""thruput inside transformers' Trainer: OffloadAdamW with Trainer's clipping, accumulation and
+scheduler; the Loader as training data resumed exactly from Trainer checkpoints; ThruputCallback."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import transformers as tf  # noqa: E402
+
+from _integ import ROWS, SEQ, RecordingLoader, max_abs_diff, plan, tiny_llama  # noqa: E402
+from thruput.hf import ThruputCallback, ThruputTrainer  # noqa: E402
+from thruput.memory import OffloadAdamW  # noqa: E402
+
+MAX_NORM = 0.1  # the tiny model's gradient norms are ~2: every step clips
+GA = 2
+
+
+def _args(out, **overrides) -> tf.TrainingArguments:
+    kwargs = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=ROWS, gradient_accumulation_steps=GA,
+                  max_grad_norm=MAX_NORM, learning_rate=1e-2, lr_scheduler_type="linear", warmup_steps=1,
+                  use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1,
+                  seed=0)
+    kwargs.update(overrides)
+    return tf.TrainingArguments(**kwargs)
+
+
+def _train(model, args, optimizer=(torch.optim.AdamW, {"lr": 1e-2, "fused": True}), callbacks=None,
+           resume=None, loader=None):
+    loader = RecordingLoader(plan()) if loader is None else loader
+    trainer = ThruputTrainer(model=model, args=args, train_loader=loader, optimizer_cls_and_kwargs=optimizer,
+                             callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, loader
+
+
+def test_offload_adamw_in_trainer_with_clipping_accumulation_and_scheduler_matches_torch_adamw(tmp_path):
+    """Trainer's max_grad_norm (clipping every step), gradient accumulation and linear schedule:
+    the same parameters as with torch AdamW. Tolerance: 1e-6 absolute (the torch-kernel CPU Adam
+    and torch's fused AdamW round the same fp32 math apart in the last bits; measured 6e-8)."""
+    base = tiny_llama()
+    ref, ours = copy.deepcopy(base), copy.deepcopy(base)
+    ref_trainer, _ = _train(ref, _args(tmp_path / "ref"))
+    trainer, _ = _train(ours, _args(tmp_path / "ours"), optimizer=(OffloadAdamW, {"lr": 1e-2, "impl": "torch"}))
+    assert isinstance(trainer.optimizer.optimizer, OffloadAdamW)
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    ref_norms = [h["grad_norm"] for h in ref_trainer.state.log_history if "grad_norm" in h]
+    assert len(norms) == 4 and min(norms) > 10 * MAX_NORM  # clipping really happened
+    assert norms == pytest.approx(ref_norms, rel=1e-5)
+    assert max_abs_diff(ours, ref) < 1e-6
+    assert max_abs_diff(ours, base) > 1e-3  # it trained
+    # Without clipping the result is another one: the comparison above sees clipping.
+    unclipped = copy.deepcopy(base)
+    _train(unclipped, _args(tmp_path / "unclipped", max_grad_norm=0.0),
+           optimizer=(OffloadAdamW, {"lr": 1e-2, "impl": "torch"}))
+    assert max_abs_diff(unclipped, ref) > 1e-4
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "offload"])
+def test_trainer_resumed_mid_run_sees_the_uninterrupted_batches_and_ends_bitwise_equal(tmp_path, optimizer):
+    """Stopped after update 3 of 6 (a checkpoint there), resumed from it in a new Trainer with a
+    new Loader: the batches (documents) seen equal an uninterrupted run's, none repeated or lost
+    (Trainer's own skip of the first batches would drop 6 more), and the weights end bitwise
+    equal."""
+    opt = (torch.optim.AdamW, {"lr": 1e-2, "fused": True}) if optimizer == "torch" else \
+        (OffloadAdamW, {"lr": 1e-2, "impl": "torch"})
+    base = tiny_llama()
+    full = copy.deepcopy(base)
+    _, full_loader = _train(full, _args(tmp_path / "full", max_steps=6), optimizer=opt)
+
+    class StopAt3(tf.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+
+    out = tmp_path / "run"
+    first = copy.deepcopy(base)
+    _, first_loader = _train(first, _args(out, max_steps=6, save_strategy="steps", save_steps=3), optimizer=opt,
+                             callbacks=[StopAt3()])
+    assert len(first_loader.seen) == 3 * GA
+    assert json.loads((out / "checkpoint-3" / "thruput_loader.json").read_text())["step"] == 3 * GA
+    resumed = tiny_llama(seed=1)  # other weights: the checkpoint's must be loaded
+    _, second_loader = _train(resumed, _args(out, max_steps=6), optimizer=opt, resume=str(out / "checkpoint-3"))
+    assert first_loader.seen + second_loader.seen == full_loader.seen
+    assert len(set(full_loader.seen)) == len(full_loader.seen) == 6 * GA
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), full.parameters()))
+
+
+def test_resume_from_a_checkpoint_without_loader_state_is_refused(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(FileNotFoundError, match="no thruput Loader state"):
+        _train(tiny_llama(), _args(tmp_path), resume=str(tmp_path / "checkpoint-2"))
+
+
+def test_loader_of_another_rank_or_a_train_dataset_beside_it_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="rank is 1 but the Trainer's is 0"):
+        ThruputTrainer(model=tiny_llama(), args=_args(tmp_path), train_loader=RecordingLoader(plan(), 1, 2))
+    with pytest.raises(ValueError, match="not both"):
+        ThruputTrainer(model=tiny_llama(), args=_args(tmp_path), train_loader=RecordingLoader(plan()),
+                       train_dataset=[1, 2])
+
+
+def test_thruput_callback_reports_every_update_with_its_tokens_and_phases(tmp_path):
+    """One profiler step per optimizer update (4 updates of 2 micro-batches); tokens counted from
+    the Loader's batches; phases (with ``other``, the uncovered rest) sum to the step time within
+    1e-9 s; MFU from transformers' 6*N FLOPs per token; JSON and HTML in output_dir."""
+    callback = ThruputCallback(peak_flops=1e12)
+    model = tiny_llama()
+    _train(model, _args(tmp_path), callbacks=[callback])
+    doc = json.loads((tmp_path / "trainer.json").read_text())
+    assert (tmp_path / "trainer.html").read_text().startswith("<!doctype html>")
+    assert doc["meta"]["tool"] == "thruput.hf.ThruputCallback"
+    steps = doc["steps"]
+    assert len(steps) == 4
+    for step in steps:
+        assert step["tokens"] == GA * ROWS * SEQ
+        assert abs(sum(step["phases"].values()) - step["time_s"]) < 1e-9
+        assert min(step["phases"][p] for p in ("data_wait", "forward", "backward", "optimizer")) > 0
+        assert step["flops"] == pytest.approx(6 * model.num_parameters(exclude_embeddings=True) * step["tokens"])
+    assert doc["summary"]["mfu"] is not None and doc["verdict"]
+    # on_train_end removed the hooks.
+    assert callback._session is None
