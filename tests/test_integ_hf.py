@@ -118,8 +118,10 @@ def test_thruput_callback_reports_every_update_with_its_tokens_and_phases(tmp_pa
     for step in steps:
         assert step["tokens"] == GA * ROWS * SEQ
         assert abs(sum(step["phases"].values()) - step["time_s"]) < 1e-9
-        assert min(step["phases"][p] for p in ("data_wait", "forward", "backward", "optimizer")) > 0
+        assert min(step["phases"][p] for p in ("forward", "backward", "optimizer")) > 0
         assert step["flops"] == pytest.approx(6 * model.num_parameters(exclude_embeddings=True) * step["tokens"])
+    # Trainer fetches an update's batches before its first forward, where step 0 begins.
+    assert steps[0]["phases"]["data_wait"] == 0 and min(s["phases"]["data_wait"] for s in steps[1:]) > 0
     assert doc["summary"]["mfu"] is not None and doc["verdict"]
     # on_train_end removed the hooks.
     assert callback._session is None
