@@ -25,12 +25,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("thruput.lightning needs lightning >= 2.2: pip install 'thruput[lightning]'") from exc
 
 from thruput.data import Loader, Plan
-from thruput.run import ExitInfo, RunOptions, Session
+from thruput.run.callback import SessionCallback
 
 _KEPT_STATES = 64  # states of batches fetched ahead of training kept; Lightning prefetches one
 
 
-class ThruputCallback(pl.Callback):
+class ThruputCallback(SessionCallback, pl.Callback):
     """Profile ``trainer.fit``: phases, tokens/s, MFU, clocks, verdict, reports.
 
     A step ends at the optimizer's ``step()`` (Lightning runs forward and backward inside it, in
@@ -39,42 +39,24 @@ class ThruputCallback(pl.Callback):
     HTML report to ``OUT/NAME.html`` (``html=True``), the Perfetto trace to
     ``OUT/NAME.trace.json`` (``trace=True``); ``OUT`` is ``out`` or
     ``trainer.default_root_dir``, ``NAME`` is ``name`` (plus ``-rank{N}`` with more than one
-    process). MFU needs ``flops_per_token`` (training FLOPs per token) and ``peak_flops``
-    (FLOP/s of one device). Do not combine with ``thruput run`` (the same hooks; a second
-    install raises ``RuntimeError``).
+    process); the options are ``thruput.run.callback.SessionCallback``'s. MFU needs
+    ``flops_per_token`` (training FLOPs per token) and ``peak_flops`` (FLOP/s of one device).
+    Do not combine with ``thruput run`` (the same hooks; a second install raises
+    ``RuntimeError``).
     """
 
-    def __init__(self, name: str = "lightning", *, out: str | Path | None = None, html: bool = True,
-                 trace: bool = False, flops_per_token: float | None = None, peak_flops: float | None = None,
-                 warmup_steps: int = 1, clock_hz: float = 20.0) -> None:
-        self.name, self.out, self.html, self.trace = name, out, html, trace
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.warmup_steps, self.clock_hz = warmup_steps, clock_hz
-        self.document: dict[str, Any] | None = None
-        self.paths: dict[str, Path] = {}
-        self._session: Session | None = None
+    def __init__(self, name: str = "lightning", *, out: str | Path | None = None, **options: Any) -> None:
+        super().__init__(name, out=out, **options)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close(None)
-        options = RunOptions(out=str(self.out if self.out is not None else trainer.default_root_dir),
-                             name=self.name, html=self.html, trace=self.trace, status=False,
-                             warmup_steps=self.warmup_steps, clock_hz=self.clock_hz)
-        rank = trainer.global_rank if trainer.world_size > 1 else None
-        self._session = Session(options, ["lightning.Trainer.fit"], rank, tool="thruput.lightning.ThruputCallback",
-                                flops_per_token=self.flops_per_token, peak_flops=self.peak_flops)
-        self._session.start()
+        self._start(trainer.default_root_dir, trainer.global_rank if trainer.world_size > 1 else None,
+                    "lightning.Trainer.fit", "thruput.lightning.ThruputCallback")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close(None)
+        self._finish()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close(f"{type(exception).__name__}: {exception}")
-
-    def _close(self, error: str | None) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            written = session.finish(ExitInfo(code=None, error=error))
-            self.document, self.paths = written.document, written.paths
+        self._finish(f"{type(exception).__name__}: {exception}")
 
 
 class TrainLoader:
