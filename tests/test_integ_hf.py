@@ -52,6 +52,14 @@ def test_offload_adamw_in_trainer_with_clipping_accumulation_and_scheduler_match
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     assert max_abs_diff(ours, ref) < 1e-6
     assert max_abs_diff(ours, base) > 1e-3  # it trained
+    # Built by the caller and passed as optimizers=(opt, None): the same (one group instead of
+    # Trainer's two; weight decay 0 like Trainer's default).
+    built = copy.deepcopy(base)
+    trainer = ThruputTrainer(model=built, args=_args(tmp_path / "built"), train_loader=RecordingLoader(plan()),
+                             optimizers=(OffloadAdamW(built.parameters(), lr=1e-2, weight_decay=0.0, impl="torch"),
+                                         None))
+    trainer.train()
+    assert max_abs_diff(built, ref) < 1e-6
     # Without clipping the result is another one: the comparison above sees clipping.
     unclipped = copy.deepcopy(base)
     _train(unclipped, _args(tmp_path / "unclipped", max_grad_norm=0.0),
@@ -87,6 +95,20 @@ def test_trainer_resumed_mid_run_sees_the_uninterrupted_batches_and_ends_bitwise
     assert first_loader.seen + second_loader.seen == full_loader.seen
     assert len(set(full_loader.seen)) == len(full_loader.seen) == 6 * GA
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), full.parameters()))
+
+
+def test_patched_and_unpatched_models_train_alike_on_the_loader(tmp_path):
+    """ThruputTrainer hands the model transformers' keys (hf_batch): a patched model (fused loss,
+    per-document attention) and the unpatched one log the same losses. Tolerance 1e-4 relative
+    (the fused loss sums in another order; 4 steps of training amplify it)."""
+    from thruput.hf import patch
+
+    base = tiny_llama()
+    losses = []
+    for model in (copy.deepcopy(base), patch(copy.deepcopy(base))):
+        trainer, _ = _train(model, _args(tmp_path / str(len(losses))))
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_resume_from_a_checkpoint_without_loader_state_is_refused(tmp_path):
