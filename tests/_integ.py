@@ -39,4 +39,5 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
 
 
 def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+    return max((x.detach().cpu() - y.detach().cpu()).abs().max().item()
+               for x, y in zip(a.parameters(), b.parameters()))

@@ -37,14 +37,24 @@ def _train(model, args, optimizer=(torch.optim.AdamW, {"lr": 1e-2, "fused": True
     return trainer, loader
 
 
-def test_offload_adamw_in_trainer_with_clipping_accumulation_and_scheduler_matches_torch_adamw(tmp_path):
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                       reason="needs CUDA")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_offload_adamw_in_trainer_with_clipping_accumulation_and_scheduler_matches_torch_adamw(tmp_path, device):
     """Trainer's max_grad_norm (clipping every step), gradient accumulation and linear schedule:
     the same parameters as with torch AdamW. Tolerance: 1e-6 absolute (the torch-kernel CPU Adam
-    and torch's fused AdamW round the same fp32 math apart in the last bits; measured 6e-8)."""
+    and torch's fused AdamW round the same fp32 math apart in the last bits; measured 6e-8 on
+    CPU). On CUDA the gradients go to host buckets during backward and the parameters come back
+    after the CPU step."""
     base = tiny_llama()
     ref, ours = copy.deepcopy(base), copy.deepcopy(base)
-    ref_trainer, _ = _train(ref, _args(tmp_path / "ref"))
-    trainer, _ = _train(ours, _args(tmp_path / "ours"), optimizer=(OffloadAdamW, {"lr": 1e-2, "impl": "torch"}))
+    use_cpu = device == "cpu"
+    ref_trainer, _ = _train(ref, _args(tmp_path / "ref", use_cpu=use_cpu))
+    trainer, _ = _train(ours, _args(tmp_path / "ours", use_cpu=use_cpu),
+                        optimizer=(OffloadAdamW, {"lr": 1e-2, "impl": "torch"}))
+    assert next(ours.parameters()).device.type == device
     assert isinstance(trainer.optimizer.optimizer, OffloadAdamW)
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     ref_norms = [h["grad_norm"] for h in ref_trainer.state.log_history if "grad_norm" in h]
@@ -54,15 +64,16 @@ def test_offload_adamw_in_trainer_with_clipping_accumulation_and_scheduler_match
     assert max_abs_diff(ours, base) > 1e-3  # it trained
     # Built by the caller and passed as optimizers=(opt, None): the same (one group instead of
     # Trainer's two; weight decay 0 like Trainer's default).
-    built = copy.deepcopy(base)
-    trainer = ThruputTrainer(model=built, args=_args(tmp_path / "built"), train_loader=RecordingLoader(plan()),
+    built = copy.deepcopy(base).to(device)  # OffloadAdamW binds to the device the parameters are on
+    trainer = ThruputTrainer(model=built, args=_args(tmp_path / "built", use_cpu=use_cpu),
+                             train_loader=RecordingLoader(plan()),
                              optimizers=(OffloadAdamW(built.parameters(), lr=1e-2, weight_decay=0.0, impl="torch"),
                                          None))
     trainer.train()
     assert max_abs_diff(built, ref) < 1e-6
     # Without clipping the result is another one: the comparison above sees clipping.
     unclipped = copy.deepcopy(base)
-    _train(unclipped, _args(tmp_path / "unclipped", max_grad_norm=0.0),
+    _train(unclipped, _args(tmp_path / "unclipped", max_grad_norm=0.0, use_cpu=use_cpu),
            optimizer=(OffloadAdamW, {"lr": 1e-2, "impl": "torch"}))
     assert max_abs_diff(unclipped, ref) > 1e-4
 
