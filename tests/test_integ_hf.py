@@ -158,3 +158,17 @@ def test_thruput_callback_reports_every_update_with_its_tokens_and_phases(tmp_pa
     assert doc["summary"]["mfu"] is not None and doc["verdict"]
     # on_train_end removed the hooks.
     assert callback._session is None
+
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offload_adamw_refuses_parameters_moved_after_it_was_built():
+    """Trainer moves the model of ``optimizers=(opt, None)`` to its device after ``opt`` was
+    built; OffloadAdamW's host state belongs to the old device, so it refuses (torch's AdamW
+    builds its state lazily and does not care)."""
+    model = tiny_llama()
+    opt = OffloadAdamW(model.parameters(), impl="torch")
+    model.to("cuda")  # the same Parameter objects, their data moved
+    with pytest.raises(RuntimeError, match="moved from cpu to cuda:0 after the optimizer was built"):
+        opt.step()
