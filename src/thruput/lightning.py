@@ -41,8 +41,8 @@ class ThruputCallback(SessionCallback, pl.Callback):
     ``trainer.default_root_dir``, ``NAME`` is ``name`` (plus ``-rank{N}`` with more than one
     process); the options are ``thruput.run.callback.SessionCallback``'s. MFU needs
     ``flops_per_token`` (training FLOPs per token) and ``peak_flops`` (FLOP/s of one device).
-    Do not combine with ``thruput run`` (the same hooks; a second install raises
-    ``RuntimeError``).
+    Not meant for a script run by ``thruput run``, which installs the same global hooks for its
+    own report.
     """
 
     def __init__(self, name: str = "lightning", *, out: str | Path | None = None, **options: Any) -> None:

@@ -27,8 +27,8 @@ class ThruputCallback(SessionCallback, TrainerCallback):
     ``flops_per_token`` (training FLOPs per token) defaults to transformers' own estimate,
     ``6 * model.num_parameters(exclude_embeddings=True)``; MFU needs ``peak_flops`` (FLOP/s of
     one device). A ``train()`` that raises never reaches ``on_train_end``: call :meth:`close`
-    then, or the global hooks stay installed. Do not combine with ``thruput run`` (it installs
-    the same hooks; a second install raises ``RuntimeError``).
+    then, or the global hooks stay installed. Not meant for a script run by ``thruput run``,
+    which installs the same global hooks for its own report.
     """
 
     def __init__(self, name: str = "trainer", *, out: str | Path | None = None, **options: Any) -> None:
