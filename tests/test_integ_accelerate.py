@@ -51,8 +51,8 @@ def _train(accelerator, model, opt, sched, loader, updates):
 
 
 def test_offload_adamw_prepared_by_accelerate_clips_and_accumulates_like_torch_adamw():
-    """Tolerance 1e-6 absolute on the weights (torch-kernel CPU Adam vs torch's fused AdamW, the
-    same fp32 math rounded apart in the last bits)."""
+    """Bitwise the weights of torch's fused AdamW (the torch-kernel CPU Adam computes its fp32
+    math in its order); the norms accelerate returns within 1e-5 (summed per tensor)."""
     base = tiny_llama()
     results = {}
     for offload in (False, True):
@@ -65,7 +65,7 @@ def test_offload_adamw_prepared_by_accelerate_clips_and_accumulates_like_torch_a
     (ref, ref_norms), (ours, norms) = results[False], results[True]
     assert len(norms) == STEPS and min(norms) > 10 * MAX_NORM
     assert norms == pytest.approx(ref_norms, rel=1e-5)
-    assert max_abs_diff(ours, ref) < 1e-6 and max_abs_diff(ours, base) > 1e-3
+    assert max_abs_diff(ours, ref) == 0.0 and max_abs_diff(ours, base) > 1e-3
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["torch", "offload"])

@@ -65,8 +65,8 @@ def _trainer(root, max_steps: int, callbacks=(), clip: float | None = CLIP) -> L
 
 
 def test_offload_adamw_with_gradient_clip_val_and_accumulate_grad_batches_matches_torch_adamw(tmp_path):
-    """Tolerance 1e-6 absolute (torch-kernel CPU Adam vs torch's fused AdamW: the same fp32
-    math rounded apart in the last bits)."""
+    """Bitwise the weights of torch's fused AdamW (the torch-kernel CPU Adam computes its fp32
+    math in its order); the gradient norms within 1e-5."""
     ref, ours = TinyLM("torch"), TinyLM("offload")
     base = copy.deepcopy(ref)
     _trainer(tmp_path / "ref", 4).fit(ref)
@@ -74,7 +74,7 @@ def test_offload_adamw_with_gradient_clip_val_and_accumulate_grad_batches_matche
     assert len(ours.seen) == 4 * GA and ours.seen == ref.seen
     assert len(ours.norms) == 4 and min(ours.norms) > 10 * CLIP  # clipping really happened
     assert ours.norms == pytest.approx(ref.norms, rel=1e-5)
-    assert max_abs_diff(ours, ref) < 1e-6 and max_abs_diff(ours, base) > 1e-3
+    assert max_abs_diff(ours, ref) == 0.0 and max_abs_diff(ours, base) > 1e-3
     unclipped = TinyLM("offload")
     _trainer(tmp_path / "unclipped", 4, clip=None).fit(unclipped)
     assert max_abs_diff(unclipped, ref) > 1e-4  # the comparison above sees clipping
