@@ -132,6 +132,9 @@ def test_resume_from_a_checkpoint_without_loader_state_is_refused(tmp_path):
 def test_loader_of_another_rank_or_a_train_dataset_beside_it_is_refused(tmp_path):
     with pytest.raises(ValueError, match="rank is 1 but the Trainer's is 0"):
         ThruputTrainer(model=tiny_llama(), args=_args(tmp_path), train_loader=RecordingLoader(plan(), 1, 2))
+    with pytest.raises(ValueError, match="dataloader_num_workers=2 does not apply to a thruput Loader"):
+        ThruputTrainer(model=tiny_llama(), args=_args(tmp_path, dataloader_num_workers=2),
+                       train_loader=RecordingLoader(plan()))
     with pytest.raises(ValueError, match="not both"):
         ThruputTrainer(model=tiny_llama(), args=_args(tmp_path), train_loader=RecordingLoader(plan()),
                        train_dataset=[1, 2])

@@ -23,6 +23,9 @@ from thruput.atomic import write_atomic
 from thruput.hf.batch import hf_batch
 
 LOADER_STATE_NAME = "thruput_loader.json"
+# Trainer's options for the DataLoader it would build, with their defaults; the Loader has its own.
+_DATALOADER_ARGS = {"dataloader_num_workers": 0, "dataloader_prefetch_factor": None,
+                    "dataloader_persistent_workers": False}
 
 
 class TrainerBatches:
@@ -46,7 +49,11 @@ class LoaderMixin:
     length, so ``args.max_steps`` must be set (Trainer says so). Checkpoints hold
     ``thruput_loader.json`` (written by the main process before Trainer's own files, so a
     checkpoint with Trainer's state has it); resuming from a checkpoint without it raises
-    ``FileNotFoundError``. ``train_dataset`` together with ``train_loader`` is a ``ValueError``.
+    ``FileNotFoundError``. ``train_dataset`` together with ``train_loader`` is a ``ValueError``,
+    and so are Trainer's options for the DataLoader it would build (``dataloader_num_workers``,
+    ``dataloader_prefetch_factor``, ``dataloader_persistent_workers``): the Loader's own
+    ``backend``, ``workers`` and ``prefetch`` do that job. The rows per batch are the Plan's
+    (``per_device_train_batch_size`` only enters Trainer's logged totals).
     """
 
     def __init__(self, *args: Any, train_loader: Any, **kwargs: Any) -> None:
@@ -58,6 +65,10 @@ class LoaderMixin:
             if ours != theirs:
                 raise ValueError(f"ThruputTrainer: the Loader's {name} is {ours} but the Trainer's is {theirs}; "
                                  "build it as Loader(plan, rank=args.process_index, world_size=args.world_size)")
+        for name, default in _DATALOADER_ARGS.items():
+            if getattr(self.args, name) != default:
+                raise ValueError(f"ThruputTrainer: {name}={getattr(self.args, name)!r} does not apply to a thruput "
+                                 "Loader; give the Loader its backend, workers and prefetch instead")
         self.train_loader = train_loader
         # The Loader resumes from its own state; Trainer's skip would drop batches a second time.
         # A copy: the caller's TrainingArguments object is left as it was.
