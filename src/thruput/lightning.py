@@ -115,8 +115,7 @@ def prepare_loader(trainer: pl.Trainer, plan: Plan, **kwargs: Any) -> TrainLoade
     """A :class:`TrainLoader` of ``plan`` for this process (rank and world size from ``trainer``),
     to return from ``train_dataloader()`` (where the rank is known, also under DDP spawn).
     ``kwargs`` go to ``Loader`` (``backend``, ``workers``, ``prefetch``, ``device``, ``steps``).
-    A Loader has no length: set ``max_steps`` (or ``steps=``). Lightning's ``limit_train_batches``
-    and ``overfit_batches`` are not supported (they restart the Loader's stream)."""
+    A Loader has no length: set ``max_steps`` (or ``steps=``)."""
     for key in ("rank", "world_size"):
         if key in kwargs:
             raise TypeError(f"prepare_loader: {key} comes from the trainer; do not pass it")
