@@ -2,6 +2,9 @@
 
 * :func:`patch` -- fused linear cross-entropy and per-document attention on one model instance.
 * :func:`hf_batch` -- a thruput Loader batch in transformers' convention (for any model).
+* :class:`ThruputCallback` -- the step profiler inside ``Trainer`` (reports in ``output_dir``).
+* :class:`ThruputTrainer` / :class:`LoaderMixin` -- a thruput Loader as Trainer's training data,
+  its position saved in Trainer's checkpoints (exact resumption).
 
 Needs the ``hf`` extra (transformers >= 5): ``pip install 'thruput[hf]'``.
 """
@@ -15,6 +18,8 @@ if int(transformers.__version__.split(".")[0]) < 5:  # pragma: no cover
                       "pip install 'thruput[hf]'")
 
 from thruput.hf.batch import hf_batch
+from thruput.hf.callback import ThruputCallback
 from thruput.hf.patch import patch
+from thruput.hf.trainer import LoaderMixin, ThruputTrainer
 
-__all__ = ["hf_batch", "patch"]
+__all__ = ["LoaderMixin", "ThruputCallback", "ThruputTrainer", "hf_batch", "patch"]

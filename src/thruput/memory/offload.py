@@ -63,8 +63,9 @@ class OffloadAdamW(torch.optim.Optimizer):
     :mod:`thruput.memory.offload_state`): it loads into a run with torch AdamW, and back.
 
     Raises ``TypeError`` for a parameter dtype other than fp32/bf16/fp16, ``ValueError`` for
-    parameters on more than one device, non-contiguous parameters or bad arguments, and
-    ``MemoryError`` (before allocating) when the host has too little available memory.
+    parameters on more than one device, non-contiguous parameters or bad arguments,
+    ``MemoryError`` (before allocating) when the host has too little available memory, and
+    ``RuntimeError`` at ``step()`` when the parameters moved to another device since.
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -93,6 +94,7 @@ class OffloadAdamW(torch.optim.Optimizer):
         self._copy_pending = False  # a finished delayed update whose parameters are not on the device yet
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         self.device = check_params(trainable)
+        self._probe = trainable[0]  # to see a model moved after this (Trainer moves one passed in optimizers=)
         self._cuda = self.device.type == "cuda"
         self._side = torch.cuda.Stream(self.device) if self._cuda else None
         self.segments = self._build_segments()
@@ -207,6 +209,9 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     def _prepare_grads(self) -> None:
         """Wait for a running delayed update, then gather this step's gradients (timed)."""
+        if self._probe.device != self.device:
+            raise RuntimeError(f"OffloadAdamW: the parameters moved from {self.device} to {self._probe.device} after "
+                               "the optimizer was built; build it after model.to(device)")
         t0 = time.perf_counter()
         self._join_background()
         t1 = time.perf_counter()

@@ -70,12 +70,19 @@ def rank_from_env() -> int | None:
 
 
 class Session:
-    """Profiles the calling process from ``start()`` to ``finish()``."""
+    """Profiles the calling process from ``start()`` to ``finish()``.
 
-    def __init__(self, options: RunOptions, command: list[str], rank: int | None = None) -> None:
+    ``tool`` names who profiled in the run document (the Trainer and Lightning callbacks use
+    their own name); ``flops_per_token`` and ``peak_flops`` go to the ``StepProfiler`` (MFU)."""
+
+    def __init__(self, options: RunOptions, command: list[str], rank: int | None = None, *,
+                 tool: str = "thruput run", flops_per_token: float | None = None,
+                 peak_flops: float | None = None) -> None:
         self.options = options
         self.command = command
         self.rank = rank
+        self.tool = tool
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.status = StatusLine(enabled=options.status and rank in (None, 0))
         self.recorder = Recorder(self._make_profiler, on_step=self.status.update)
         self.hooks = TorchHooks(self.recorder)
@@ -86,7 +93,8 @@ class Session:
 
     def _make_profiler(self, device: torch.device) -> StepProfiler:
         return StepProfiler(device, clocks=ClockSampler(hz=self.options.clock_hz),
-                            warmup_steps=self.options.warmup_steps)
+                            warmup_steps=self.options.warmup_steps, flops_per_token=self.flops_per_token,
+                            peak_flops=self.peak_flops)
 
     def start(self) -> None:
         self.hooks.install()
@@ -98,7 +106,7 @@ class Session:
         self.status.clear()
         profiler = self.recorder.close() or StepProfiler(warmup_steps=self.options.warmup_steps)
         meta = {
-            "tool": "thruput run",
+            "tool": self.tool,
             "command": self.command,
             "rank": self.rank,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
