@@ -13,13 +13,15 @@ DOCS = [f"document {i} says " + "word " * (i % 7 + 1) for i in range(400)]
 
 def plan() -> Plan:
     return Plan([MemorySource("a", DOCS[:250], weight=2.0), MemorySource("b", DOCS[250:], weight=1.0)],
-                seq_len=SEQ, tokens_per_batch=SEQ * ROWS, seed=3, backend="inline")
+                seq_len=SEQ, tokens_per_batch=SEQ * ROWS, seed=3)
 
 
 class RecordingLoader(Loader):
-    """A Loader that keeps the ``documents`` of every batch it yields (the sample ids)."""
+    """A Loader that keeps the ``documents`` of every batch it yields (the sample ids); inline
+    unless told otherwise."""
 
     def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("backend", "inline")
         super().__init__(*args, **kwargs)
         self.seen: list[tuple] = []
 

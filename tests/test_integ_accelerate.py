@@ -59,7 +59,8 @@ def test_offload_adamw_prepared_by_accelerate_clips_and_accumulates_like_torch_a
         model = copy.deepcopy(base)
         accelerator, prepared, opt, sched = _make(model, offload)
         assert prepared is model  # one CPU process: the model is not wrapped
-        norms, _ = _train(accelerator, prepared, opt, sched, prepare_loader(accelerator, plan()), STEPS)
+        loader = prepare_loader(accelerator, plan(), backend="inline")
+        norms, _ = _train(accelerator, prepared, opt, sched, loader, STEPS)
         results[offload] = (model, norms)
         accelerator.free_memory()
     (ref, ref_norms), (ours, norms) = results[False], results[True]
@@ -73,18 +74,18 @@ def test_accelerate_run_resumed_from_save_state_sees_the_uninterrupted_batches(t
     base = tiny_llama()
     full = copy.deepcopy(base)
     run = _make(full, offload)
-    _, full_seen = _train(*run, prepare_loader(run[0], plan()), 6)
+    _, full_seen = _train(*run, prepare_loader(run[0], plan(), backend="inline"), 6)
     run[0].free_memory()
 
     first = copy.deepcopy(base)
     accelerator, *rest = _make(first, offload)
-    _, first_seen = _train(accelerator, *rest, prepare_loader(accelerator, plan()), 3)
+    _, first_seen = _train(accelerator, *rest, prepare_loader(accelerator, plan(), backend="inline"), 3)
     accelerator.save_state(str(tmp_path / "state"))
     accelerator.free_memory()
 
     resumed = tiny_llama(seed=1)  # other weights: load_state must bring the saved ones
     accelerator, *rest = _make(resumed, offload)
-    second_loader = prepare_loader(accelerator, plan())
+    second_loader = prepare_loader(accelerator, plan(), backend="inline")
     accelerator.load_state(str(tmp_path / "state"))
     assert second_loader.state_dict()["step"] == 3 * GA
     _, second_seen = _train(accelerator, *rest, second_loader, 3)
@@ -96,8 +97,8 @@ def test_accelerate_run_resumed_from_save_state_sees_the_uninterrupted_batches(t
 def test_prepare_loader_takes_rank_and_device_from_the_accelerator():
     accelerator = accelerate.Accelerator(cpu=True)
     with pytest.raises(TypeError, match="rank comes from the accelerator"):
-        prepare_loader(accelerator, plan(), rank=1)
-    loader = prepare_loader(accelerator, plan())
+        prepare_loader(accelerator, plan(), rank=1, backend="inline")
+    loader = prepare_loader(accelerator, plan(), backend="inline")
     assert (loader.rank, loader.world_size, loader.device) == (0, 1, accelerator.device)
     assert accelerator.prepare(loader) is loader  # accelerate passes an unknown iterable through
     assert loader in accelerator._custom_objects

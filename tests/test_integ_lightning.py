@@ -54,7 +54,7 @@ class TinyLM(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))}
 
     def train_dataloader(self):
-        return prepare_loader(self.trainer, plan())
+        return prepare_loader(self.trainer, plan(), backend="inline")
 
 
 def _trainer(root, max_steps: int, callbacks=(), clip: float | None = CLIP) -> L.Trainer:
@@ -124,8 +124,8 @@ def test_thruput_callback_reports_each_update_with_phases_and_tokens(tmp_path):
 def test_prepare_loader_takes_rank_from_the_trainer(tmp_path):
     trainer = _trainer(tmp_path, 1)
     with pytest.raises(TypeError, match="rank comes from the trainer"):
-        prepare_loader(trainer, plan(), rank=0)
-    first, second = prepare_loader(trainer, plan()), prepare_loader(trainer, plan())
+        prepare_loader(trainer, plan(), rank=0, backend="inline")
+    first, second = prepare_loader(trainer, plan(), backend="inline"), prepare_loader(trainer, plan(), backend="inline")
     trackers = [c for c in trainer.callbacks if type(c).__name__ == "_TrainedBatches"]
     assert len(trackers) == 1 and trackers[0].loader is second and trainer.callbacks[0] is trackers[0]
     assert first.loader.rank == 0 and first.loader.world_size == 1
