@@ -30,6 +30,7 @@ import torch
 from thruput.profile import collectives as _collectives
 from thruput.profile.clocks import ClockSampler
 from thruput.profile.memory import memory_capacity, peak_rss_bytes, reset_peak_rss, rss_bytes
+from thruput.profile.step_stats import clock_summary, padding_ratio, quantile
 
 PHASES = ("data_wait", "h2d", "forward", "backward", "optimizer", "comm", "other")
 HOST_PHASES = frozenset({"data_wait"})
@@ -334,12 +335,12 @@ class StepProfiler:
         out: dict[str, Any] = {
             "steps": len(records),
             "warmup_steps": len(self.records) - len(records),
-            "step_time_s": {"median": statistics.median(times), "p90": _quantile(times, 0.9),
+            "step_time_s": {"median": statistics.median(times), "p90": quantile(times, 0.9),
                             "mean": total / len(times), "min": min(times), "max": max(times)},
             "samples_per_s": sum(r.samples for r in records) / total,
             "tokens_per_s": sum(r.tokens for r in records) / total,
             "useful_tokens_per_s": sum(r.useful_tokens for r in records) / total,
-            "padding_ratio": _padding_ratio(records),
+            "padding_ratio": padding_ratio(records),
             "phase_share": {p: phase_totals[p] / total for p in PHASES},
             "phase_median_s": {p: statistics.median(r.phases[p] for r in records) for p in PHASES},
             "achieved_flops": achieved,
@@ -362,37 +363,6 @@ class StepProfiler:
         return out
 
 
-def clock_summary(records: list[StepRecord], clocks: ClockSampler) -> dict[str, Any]:
-    """Per clock source over the steps: mean clock, throttled share and reasons, the steps whose
-    mean clock dropped below 90% of the run's highest, and the Pearson correlation of step
-    time with 1/clock (near +1: the clock explains the step-time variation)."""
-    out: dict[str, Any] = {}
-    for name, info in clocks.sources_info().items():
-        if not info["available"]:
-            out[name] = {"available": False, "detail": info["detail"]}
-            continue
-        key = f"mean_{info['clock_metric']}"
-        pairs = [(r, r.clock[name][key]) for r in records if name in r.clock and key in r.clock[name]]
-        if not pairs:
-            out[name] = {"available": True, "detail": info["detail"], "samples": 0}
-            continue
-        clocks_mhz = [c for _, c in pairs]
-        top = max(clocks_mhz)
-        shares = [r.clock[name]["throttled_share"] for r, _ in pairs]
-        out[name] = {
-            "available": True,
-            "detail": info["detail"],
-            "samples": sum(r.clock[name]["samples"] for r, _ in pairs),
-            "mean_mhz": sum(clocks_mhz) / len(clocks_mhz),
-            "max_mhz": top,
-            "throttled_share": sum(shares) / len(shares),
-            "reasons": sorted({x for r, _ in pairs for x in r.clock[name]["reasons"]}),
-            "dropped_steps": [r.step for r, c in pairs if c < 0.9 * top],
-            "corr_step_time_inv_clock": _pearson([r.time_s for r, _ in pairs], [1 / c for c in clocks_mhz]),
-        }
-    return out
-
-
 class _NullContext:
     __slots__ = ()
 
@@ -404,29 +374,3 @@ class _NullContext:
 
 
 _NULL = _NullContext()
-
-
-def _padding_ratio(records: list[StepRecord]) -> float:
-    """Share of the positions fed to the model that are padding (exact for exact ratios: the
-    difference is taken in integers)."""
-    tokens = sum(r.tokens for r in records)
-    return (tokens - sum(r.useful_tokens for r in records)) / max(1, tokens)
-
-
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def _pearson(xs: list[float], ys: list[float]) -> float | None:
-    if len(xs) < 3 or max(xs) == min(xs) or max(ys) - min(ys) <= 1e-12 * abs(max(ys)):
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sxx * syy) ** 0.5
