@@ -189,13 +189,13 @@ def training_set(work: Workload, data: Data) -> tuple[list[np.ndarray], int]:
     with Loader(thruput_plan(work, data), backend="inline", steps=work.steps) as loader:
         for batch in loader:
             total += labelled(batch)
-            ids, targets, seg = (batch[k].numpy() for k in ("input_ids", "shift_labels", "segment_ids"))
-            flat_ids, flat_targets = ids.reshape(-1), targets.reshape(-1)
+            flat_ids = batch["input_ids"].numpy().reshape(-1)
+            flat_targets = batch["shift_labels"].numpy().reshape(-1)
             cu = batch["cu_seqlens"].numpy()
-            for i, (source, epoch, record, offset, length) in enumerate(batch["documents"]):
-                lo, hi = int(cu[i]), int(cu[i + 1])
-                assert hi - lo == length
-                pieces.setdefault((source, epoch, record), []).append((offset, flat_ids[lo:hi], int(flat_targets[hi - 1])))
+            for i, (source, epoch, record, offset, _) in enumerate(batch["documents"]):
+                lo, hi = int(cu[i]), int(cu[i + 1])  # pieces are in row order, as cu_seqlens
+                piece = (offset, flat_ids[lo:hi], int(flat_targets[hi - 1]))
+                pieces.setdefault((source, epoch, record), []).append(piece)
     documents = []
     for parts in pieces.values():
         parts.sort(key=lambda p: p[0])

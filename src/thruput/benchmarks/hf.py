@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -72,10 +73,19 @@ def _note(result: dict[str, Any]) -> str:
     """Where thruput is not ahead of an arm, and why."""
     arms = result["arms"]
     notes = []
-    for peer in ("hf_default", "hf_best"):
-        ratio = result.get(f"speedup_vs_{peer}")
-        if ratio is not None and ratio <= 1.0:
-            notes.append(f"thruput is not faster than {peer} ({ratio:.2f}x)")
+    behind = [f"{peer} ({result[f'speedup_vs_{peer}']:.2f}x)" for peer in ("hf_default", "hf_best")
+              if result.get(f"speedup_vs_{peer}", 2.0) <= 1.0]
+    if behind:
+        why = []
+        if result["quick"]:
+            why.append("--quick is a smoke test: its steps of a few hundred tokens are fixed per-step costs "
+                       "(Python, Trainer and Loader bookkeeping) more than work that packing and attention could save")
+        load, cpus = max(result["load_average"]), result["cpus"]
+        if load > cpus:
+            why.append(f"the machine was loaded (load average up to {load:.1f} on {cpus} CPUs): the arms' "
+                       "times are not comparable")
+        notes.append(f"thruput is not faster than {' and '.join(behind)}: "
+                     + ("; ".join(why) if why else "no cause found in the figures"))
     if "thruput" in arms and "hf_best" in arms and "error" not in arms["hf_best"]:
         if arms["thruput"]["peak_delta_bytes"] > arms["hf_best"]["peak_delta_bytes"]:
             notes.append("thruput's peak memory growth is above hf_best's: its rows hold "
@@ -94,6 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Workload(**{**work.as_dict(), "steps": args.steps})
     rounds = 1 if args.quick else args.rounds
     console = Console()
+    load_before = os.getloadavg()[0]
     data = build_data(work)
     documents, labelled = training_set(work, data)
     from tokenizers import Tokenizer
@@ -118,9 +129,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     runs[arm].append(res)
     result: dict[str, Any] = {
         "quick": bool(args.quick), "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpus": os.cpu_count(), "load_average": [load_before, os.getloadavg()[0]],
         "workload": {**work.as_dict(), "vocab_size": vocab, "documents": len(documents),
                      "labelled_tokens": labelled},
-        "hf_best_loss_kernel": "torch F.linear_cross_entropy, LinearCrossEntropyOptions(batch_chunk_size=thruput's chunk rows)",
+        "hf_best_loss_kernel": "torch F.linear_cross_entropy, "
+                               "LinearCrossEntropyOptions(batch_chunk_size=thruput's chunk rows)",
         "not_run": NOT_RUN, "arms": {}}
     for arm in ARMS:
         result["arms"][arm] = {"error": errors[arm]} if arm in errors or not runs[arm] else arm_figures(runs[arm])
@@ -128,7 +141,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "error" not in arms["thruput"]:
         for peer in ("hf_default", "hf_best"):
             if "error" not in arms[peer]:
-                result[f"speedup_vs_{peer}"] = arms["thruput"]["useful_tokens_per_s"] / arms[peer]["useful_tokens_per_s"]
+                rate = arms[peer]["useful_tokens_per_s"]
+                result[f"speedup_vs_{peer}"] = arms["thruput"]["useful_tokens_per_s"] / rate
         if "error" not in arms["hf_default"]:
             base = arms["hf_default"]["held_out_loss"]
             result["loss_rel_diff_vs_hf_default"] = abs(arms["thruput"]["held_out_loss"] - base) / base
@@ -141,7 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(result: dict[str, Any]) -> Table:
     w = result["workload"]
-    table = Table(title=f"Llama {w['model']['num_hidden_layers']}x{w['model']['hidden_size']}, vocab {w['vocab_size']}, "
+    shape = f"{w['model']['num_hidden_layers']}x{w['model']['hidden_size']}"
+    table = Table(title=f"Llama {shape}, vocab {w['vocab_size']}, "
                         f"{w['documents']} documents, {w['labelled_tokens']} labelled tokens per arm, "
                         f"{result['device']}, torch {result['torch']}")
     for col in ("arm", "useful tok/s", "step s", "steps", "padding", "peak MiB", "held-out loss", "thruput speedup"):

@@ -229,7 +229,8 @@ def plan(
     ``model_or_params``: a module (its unique parameters are counted, frozen ones get no
     gradient or optimizer state; ``d_model``/``n_layers`` are read from ``model.cfg`` when
     present), a Hugging Face model's shape (:func:`thruput.memory.hf_config.read_hf_config`: its
-    parameters, hidden size and layers; all trainable) or a parameter count. ``host_memory=None`` means this machine's total RAM.
+    parameters, hidden size and layers; all trainable) or a parameter count.
+    ``host_memory=None`` means this machine's total RAM.
     ``device_type="cpu"`` drops the pinned gradient staging that only CUDA needs. The result's
     ``best`` is the first strategy of ``SPEED_ORDER`` that fits, or None.
 
