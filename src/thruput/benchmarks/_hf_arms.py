@@ -41,10 +41,12 @@ class StepLog:
         self.targets: list[int] = []
         self.slots = 0  # token positions computed (padding included)
         self.tokens = 0  # real tokens among them
+        self.data_wait_s: float | None = None  # time the loop waited for batches, where known
 
     def summary(self) -> dict[str, Any]:
         return {"step_ends_s": self.ends, "step_targets": self.targets,
-                "padding_ratio": 1.0 - self.tokens / self.slots if self.slots else 0.0}
+                "padding_ratio": 1.0 - self.tokens / self.slots if self.slots else 0.0,
+                "data_wait_s": self.data_wait_s}
 
 
 def _count(log: StepLog, collator: Callable[[list], dict]) -> Callable[[list], dict]:
@@ -130,6 +132,7 @@ def train_thruput(model: torch.nn.Module, plan: Any, work: Any) -> StepLog:
             schedule.step()
             opt.zero_grad(set_to_none=True)
             log.ends.append(time.perf_counter())
+        log.data_wait_s = loader.wait_s
     return log
 
 

@@ -45,7 +45,7 @@ class Workload:
     seq_len: int = 1024  # thruput's row; documents longer than a row are left out of the data
     rows: int = 1  # thruput rows per step: about the tokens of one HF batch of `hf_batch` documents
     hf_batch: int = 8  # documents per HF step (Trainer's per_device_train_batch_size default)
-    steps: int = 60  # thruput steps; the HF arms train on the same tokens (one epoch of them)
+    steps: int = 40  # thruput steps; the HF arms train on the same tokens (one epoch of them)
     lr: float = 1e-3
     eval_documents: int = 64
     max_files: int | None = None  # stdlib modules read (None: all)

@@ -15,6 +15,10 @@ alternates (ABC, CBA, ...) and an arm's figures are the medians over its rounds.
 tokens/s is labelled targets over the time from the end of the first step to the end of the
 last (the first step, with its warm-up and data start-up, is left out of every arm); step time
 is the median step.
+
+Not compiled, in any arm: ``torch.compile(dynamic=True)`` on hf_best's step (this CPU, load
+average ~10 on 2 cores, 2026-12-02) took 237 s for its first step, then 5.6 s a step against
+10.5 s eager (median of 9): it pays per step, but a run of this length gives the compile time back.
 """
 from __future__ import annotations
 
@@ -66,7 +70,8 @@ def arm_figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"useful_tokens_per_s": statistics.median(rates), "median_step_s": statistics.median(steps),
             "steps": len(first["step_targets"]), "labelled_tokens": sum(first["step_targets"]),
             "padding_ratio": first["padding_ratio"], "peak_delta_bytes": max(r["peak_delta_bytes"] for r in runs),
-            "held_out_loss": first["held_out_loss"], "rounds": len(runs), "rates": rates}
+            "held_out_loss": first["held_out_loss"], "data_wait_s": first["data_wait_s"], "rounds": len(runs),
+            "rates": rates}
 
 
 def _note(result: dict[str, Any]) -> str:
@@ -134,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "labelled_tokens": labelled},
         "hf_best_loss_kernel": "torch F.linear_cross_entropy, "
                                "LinearCrossEntropyOptions(batch_chunk_size=thruput's chunk rows)",
-        "not_run": NOT_RUN, "arms": {}}
+        "not_run": NOT_RUN, "compiled": False, "arms": {}}
     for arm in ARMS:
         result["arms"][arm] = {"error": errors[arm]} if arm in errors or not runs[arm] else arm_figures(runs[arm])
     arms = result["arms"]
