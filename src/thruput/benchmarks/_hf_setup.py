@@ -43,8 +43,10 @@ class Workload:
     model: dict[str, Any] = field(default_factory=lambda: dict(
         hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4))
     seq_len: int = 1024  # thruput's row; documents longer than a row are left out of the data
-    rows: int = 1  # thruput rows per step: about the tokens of one HF batch of `hf_batch` documents
-    hf_batch: int = 8  # documents per HF step (Trainer's per_device_train_batch_size default)
+    rows: int = 1  # thruput rows per step
+    # Documents per HF step; None: as many as make the HF arms take thruput's number of steps
+    # (``hf_batch_for``), so every arm makes about the same number of optimizer updates.
+    hf_batch: int | None = None
     steps: int = 40  # thruput steps; the HF arms train on the same tokens (one epoch of them)
     lr: float = 1e-3
     eval_documents: int = 64
@@ -56,7 +58,7 @@ class Workload:
     def quick(cls) -> Workload:
         return cls(vocab_size=1024, model=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                num_attention_heads=2, num_key_value_heads=2),
-                   seq_len=256, rows=1, hf_batch=4, steps=6, eval_documents=8, max_files=48)
+                   seq_len=256, rows=1, steps=6, eval_documents=8, max_files=48)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +170,11 @@ def thruput_plan(work: Workload, data: Data) -> Any:
     sources = [JsonlSource(n, p, weight=work.weights[n]) for n, p in data.sources.items()]
     return Plan(sources, seq_len=work.seq_len, tokens_per_batch=work.rows * work.seq_len, seed=work.seed,
                 tokenizer=HFTokenizer(data.tokenizer, eos_token="<eos>"), eos=True)
+
+
+def hf_batch_for(work: Workload, documents: list[np.ndarray]) -> int:
+    """Documents per HF step: ``work.hf_batch``, else the training set's documents per thruput step."""
+    return work.hf_batch or max(1, round(len(documents) / work.steps))
 
 
 def labelled(batch: dict[str, Any]) -> int:

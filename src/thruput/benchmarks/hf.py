@@ -7,8 +7,9 @@ its docstring, write it from its summary), long-tailed (median ~70 tokens, rows 
 The arms (``_hf_arms``): ``hf_default`` (Trainer, padding collator, torch AdamW),
 ``hf_best`` (Trainer, ``DataCollatorWithFlattening``, fused AdamW, torch's fused
 ``F.linear_cross_entropy``) and ``thruput`` (``patch(model)``, the Loader, a plain loop). All
-train the same initial weights on the same labelled tokens, with Trainer's hyper-parameters,
-then score the same held-out documents.
+train the same initial weights on the same labelled tokens, with Trainer's hyper-parameters and
+about the same number of optimizer steps (an HF batch holds the documents of a thruput step, on
+average), then score the same held-out documents.
 
 Each arm runs in its own process (its own peak memory); with ``--rounds`` > 1 the order
 alternates (ABC, CBA, ...) and an arm's figures are the medians over its rounds. Useful
@@ -36,8 +37,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from thruput.benchmarks._hf_setup import (Workload, build_data, held_out_documents, save_documents,
-                                          training_set)
+from thruput.benchmarks._hf_setup import (Workload, build_data, held_out_documents, hf_batch_for,
+                                          save_documents, training_set)
 
 DESCRIPTION = "fine-tuning a transformers Llama on instruction data: Trainer defaults, the best HF stack, thruput"
 ARMS = ("hf_default", "hf_best", "thruput")
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     data = build_data(work)
     documents, labelled = training_set(work, data)
+    work = Workload(**{**work.as_dict(), "hf_batch": hf_batch_for(work, documents)})
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(str(data.tokenizer)).get_vocab_size()
