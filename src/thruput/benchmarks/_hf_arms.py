@@ -62,7 +62,7 @@ def _count(log: StepLog, collator: Callable[[list], dict]) -> Callable[[list], d
 
 
 def _hf_trainer(arm: str, model: torch.nn.Module, documents: list[np.ndarray], work: Any, tokenizer: Any,
-                log: StepLog) -> Any:
+                log: StepLog, output_dir: str) -> Any:
     from datasets import Dataset
     from transformers import (DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer,
                               TrainerCallback, TrainingArguments)
@@ -90,7 +90,7 @@ def _hf_trainer(arm: str, model: torch.nn.Module, documents: list[np.ndarray], w
 
     best = arm == "hf_best"
     args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="thruput-bench-hf-"), per_device_train_batch_size=work.hf_batch,
+        output_dir=output_dir, per_device_train_batch_size=work.hf_batch,
         learning_rate=work.lr, num_train_epochs=1, seed=work.seed, report_to="none", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
         optim="adamw_torch_fused" if best else "adamw_torch")
@@ -104,7 +104,8 @@ def _hf_trainer(arm: str, model: torch.nn.Module, documents: list[np.ndarray], w
 def train_hf(arm: str, model: torch.nn.Module, documents: list[np.ndarray], work: Any, tokenizer: Any) -> StepLog:
     """``hf_default`` or ``hf_best``: one epoch of ``documents`` through ``Trainer``."""
     log = StepLog()
-    _hf_trainer(arm, model, documents, work, tokenizer, log).train()
+    with tempfile.TemporaryDirectory(prefix="thruput-bench-hf-") as output_dir:  # Trainer wants one; saves nothing
+        _hf_trainer(arm, model, documents, work, tokenizer, log, output_dir).train()
     return log
 
 
@@ -120,7 +121,7 @@ def train_thruput(model: torch.nn.Module, plan: Any, work: Any) -> StepLog:
     schedule = get_linear_schedule_with_warmup(opt, 0, work.steps)
     log = StepLog()
     model.train()
-    with Loader(plan, steps=work.steps) as loader:
+    with Loader(plan, steps=work.steps, device=next(model.parameters()).device) as loader:
         for batch in loader:
             log.targets.append(int((batch["shift_labels"] != IGNORE_INDEX).sum()))
             log.slots += batch["input_ids"].numel()
