@@ -47,7 +47,7 @@ NOT_RUN = {"liger": "needs CUDA (Triton kernels)", "cut_cross_entropy": "needs C
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rounds", type=int, default=1, help="runs of every arm, in alternating order")
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every arm, in alternating order (ABC, CBA)")
     parser.add_argument("--steps", type=int, default=None, help="thruput steps (the HF arms train on the same tokens)")
 
 
