@@ -148,10 +148,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from thruput.console import make_console
+    from thruput.errors import InputError
     from thruput.memory.plan import parse_bytes, parse_count, plan, render_plan
 
+    model: Any = parse_count(args.params) if args.params is not None else None
+    if args.hf is not None:
+        given = [flag for flag, value in (("--d-model", args.d_model), ("--n-layers", args.n_layers)) if value]
+        if given:
+            raise InputError(f"with --hf the shape comes from the config: leave out {' and '.join(given)}")
+        from thruput.memory.hf_config import read_hf_config
+
+        model = read_hf_config(args.hf)
+        print(model.describe())
     result = plan(
-        parse_count(args.params),
+        model,
         device_memory=parse_bytes(args.device_memory),
         host_memory=parse_bytes(args.host_memory) if args.host_memory else None,
         world_size=args.world_size,
@@ -234,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("estimate", parents=[common], help="predict device and host memory per strategy (what fits)")
-    p.add_argument("--params", required=True, help="parameter count, e.g. 7B, 350M or 7e9")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--params", help="parameter count, e.g. 7B, 350M or 7e9")
+    model.add_argument("--hf", metavar="CONFIG", help="a Hugging Face config.json, or a model folder holding one "
+                                                      "(parameters, layers and hidden size from it; no download)")
     p.add_argument("--device-memory", required=True, help="per-device memory with its unit, e.g. 24GiB or 80GB")
     p.add_argument("--host-memory", help="host memory with its unit, e.g. 256GiB (default: this machine's)")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")

@@ -1,96 +1,62 @@
-"""One training step variant of a transformers Llama on packed rows, in a fresh process.
+"""One arm of ``thruput bench hf`` in a fresh process: train, score on the held-out documents.
 
-Run as ``python -m thruput.benchmarks._hf_worker VARIANT DEVICE ROWS SEQ_LEN REPS``; prints one
-JSON line: forward+backward times (wall, and CPU time of the process: steadier on a shared
-machine), peak memory growth over the memory held once the model, its
-gradients and the batch exist (as ``_kernels_ce_worker`` measures it), and the loss.
+Run as ``python -m thruput.benchmarks._hf_worker ARM SPEC.json`` (``hf.py`` writes the spec:
+the workload, the data files, the shared training set). Prints one JSON line: the arm's step
+end times and labelled targets per step, padding, peak memory growth and held-out loss.
 
-Variants: ``sdpa`` and ``eager`` are the unpatched model fed ``hf_batch(batch)`` (transformers'
-own packed-sequence handling: a block-diagonal mask from the restarting ``position_ids``);
-``thruput`` is ``patch(model)``; ``thruput_loss`` / ``thruput_attention`` switch one lever on.
+Peak memory is the growth of the process's peak RSS (``ru_maxrss``; on CUDA
+``max_memory_allocated``) over what it holds once the model exists: optimizer states,
+gradients, activations, logits and the arm's data pipeline, as ``_kernels_ce_worker`` measures
+it. A fresh process per arm keeps one arm's peak from hiding another's.
 """
 from __future__ import annotations
 
 import json
 import sys
-import time
+from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
-from thruput.benchmarks._kernels_ce_worker import _memory_now, _peak, _sync
+from thruput.benchmarks._hf_arms import held_out_loss, train_hf, train_thruput
+from thruput.benchmarks._hf_setup import Data, Workload, load_documents, thruput_plan
+from thruput.benchmarks._kernels_ce_worker import _memory_now, _peak
 
-VOCAB = 32000
-
-
-def packed_batch(rows: int, seq_len: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A Loader-style batch: documents of lengths ~ lognormal (median ~200 tokens) packed in order,
-    the last one of a row cut and continued in the next; labels shifted, -100 at document ends."""
-    rng = np.random.default_rng(seed)
-    ids = torch.from_numpy(rng.integers(0, VOCAB, (rows, seq_len + 1)))
-    labels = ids[:, 1:].clone()
-    position_ids = torch.zeros(rows, seq_len, dtype=torch.long)
-    cu = [0]
-    for r in range(rows):
-        t = 0
-        while t < seq_len:
-            n = min(int(np.clip(rng.lognormal(5.3, 0.9), 16, 4 * seq_len)), seq_len - t)
-            position_ids[r, t:t + n] = torch.arange(n)
-            if t + n < seq_len:
-                labels[r, t + n - 1] = -100  # a document's last token has no target
-            t += n
-            cu.append(r * seq_len + t)
-    return {"input_ids": ids[:, :-1].contiguous(), "shift_labels": labels, "position_ids": position_ids,
-            "cu_seqlens": torch.tensor(cu, dtype=torch.int32), "max_seqlen": int(np.diff(cu).max())}
+ARMS = ("hf_default", "hf_best", "thruput")
 
 
-def _model(variant: str, device: torch.device) -> torch.nn.Module:
+def build_model(work: Workload, vocab_size: int) -> torch.nn.Module:
+    """The random-init Llama of ``work`` (the same weights in every arm: seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from thruput.hf import patch
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=8192)
-    model = LlamaForCausalLM(config).to(device).train()
-    if variant == "eager":
-        model.set_attn_implementation("eager")
-    elif variant.startswith("thruput"):
-        patch(model, loss=variant != "thruput_attention", attention=variant != "thruput_loss")
-    elif variant != "sdpa":
-        raise ValueError(f"unknown variant {variant!r}")
-    return model
+    torch.manual_seed(work.seed)
+    config = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=work.seq_len, pad_token_id=0,
+                         eos_token_id=1, bos_token_id=None, attention_dropout=0.0, **work.model)
+    config.use_cache = False  # training: a cache would also turn off transformers' packed-sequence masks
+    return LlamaForCausalLM(config)
 
 
-def measure(variant: str, device: str, rows: int, seq_len: int, reps: int) -> dict:
-    from thruput.hf import hf_batch
+def run_arm(arm: str, spec: dict[str, Any]) -> dict[str, Any]:
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    work = Workload(**spec["work"])
+    data = Data(Path(spec["tokenizer"]), {k: Path(v) for k, v in spec["sources"].items()}, Path(spec["held_out_text"]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(work, spec["vocab_size"]).to(device)
+    baseline = _memory_now(device)
+    if arm == "thruput":
+        log = train_thruput(model, thruput_plan(work, data), work)
+    else:
+        from transformers import PreTrainedTokenizerFast
 
-    dev = torch.device(device)
-    model = _model(variant, dev)
-
-    def on_device(rows: int, seq_len: int) -> dict:
-        return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in hf_batch(packed_batch(rows, seq_len)).items()}
-
-    model(**on_device(1, 64)).loss.backward()  # warm-up: thread pools, lazy init, the gradients
-    batch = on_device(rows, seq_len)
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    baseline = _memory_now(dev)  # parameters and their gradients exist from the warm-up on
-    times, cpu_times, loss = [], [], torch.zeros(())
-    for _ in range(reps):
-        _sync(dev)
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss = model(**batch).loss
-        loss.backward()
-        _sync(dev)
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    return {"variant": variant, "device": device, "times_s": times, "cpu_times_s": cpu_times,
-            "peak_delta_bytes": _peak(dev) - baseline,
-            "loss": float(loss.detach()), "documents": len(batch["cu_seq_lens_q"]) - 1}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(data.tokenizer), pad_token="<pad>", eos_token="<eos>")
+        log = train_hf(arm, model, load_documents(Path(spec["train"])), work, tokenizer)
+    peak = _peak(device) - baseline
+    loss = held_out_loss(model.cpu(), load_documents(Path(spec["held_out"])), pad_id=0)
+    return {"arm": arm, **log.summary(), "peak_delta_bytes": peak, "held_out_loss": loss,
+            "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":
-    name, dev_name, *nums = sys.argv[1:]
-    print(json.dumps(measure(name, dev_name, *(int(n) for n in nums))))
+    arm_name, spec_path = sys.argv[1:]
+    print(json.dumps(run_arm(arm_name, json.loads(Path(spec_path).read_text()))))

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from thruput.errors import InputError
+from thruput.memory.hf_config import HFModelShape
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ACTIVATION_K_PER_BYTE = 17  # k = 17 * p: 34 bytes/token/layer/width at 2-byte activations
@@ -208,7 +209,7 @@ def _available_host_memory() -> int:
 
 
 def plan(
-    model_or_params: torch.nn.Module | int,
+    model_or_params: torch.nn.Module | HFModelShape | int,
     *,
     device_memory: int,
     host_memory: int | None = None,
@@ -227,7 +228,9 @@ def plan(
 
     ``model_or_params``: a module (its unique parameters are counted, frozen ones get no
     gradient or optimizer state; ``d_model``/``n_layers`` are read from ``model.cfg`` when
-    present) or a parameter count. ``host_memory=None`` means this machine's total RAM.
+    present), a Hugging Face model's shape (:func:`thruput.memory.hf_config.read_hf_config`: its
+    parameters, hidden size and layers; all trainable) or a parameter count.
+    ``host_memory=None`` means this machine's total RAM.
     ``device_type="cpu"`` drops the pinned gradient staging that only CUDA needs. The result's
     ``best`` is the first strategy of ``SPEED_ORDER`` that fits, or None.
 
@@ -237,6 +240,11 @@ def plan(
         n_params, n_trainable, largest, cfg_d, cfg_l = _model_counts(model_or_params)
         d_model = d_model if d_model is not None else cfg_d
         n_layers = n_layers if n_layers is not None else cfg_l
+    elif isinstance(model_or_params, HFModelShape):
+        n_params = n_trainable = model_or_params.n_params
+        largest = model_or_params.largest_param
+        d_model = d_model if d_model is not None else model_or_params.hidden_size
+        n_layers = n_layers if n_layers is not None else model_or_params.n_layers
     else:
         n_params = n_trainable = int(model_or_params)
         largest = 0  # unknown: the bucket bounds the gradients in flight
