@@ -128,3 +128,24 @@ def test_schedule_weights_sum_checked_at_step_zero() -> None:
     raw = {"data": {"sources": [{"name": "a", "weight": {"schedule": "linear", "start": 0.0, "end": 1.0, "steps": 5}}]}}
     with pytest.raises(ConfigError, match=r"weights sum to zero \(at step 0\)"):
         from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"kind": "mamba"}, r"^model.kind: expected one of 'gpt', got 'mamba'$"),
+        ({"d_model": 30, "n_heads": 4}, r"^model.d_model \(30\) must be divisible by n_heads \(4\)$"),
+        ({"max_seq_len": 16}, r"^model.max_seq_len: 16 is shorter than data.seq_len \(256\)"),
+    ],
+)
+def test_model_table_is_read_by_its_kind(model: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": model})
+
+
+def test_the_gpt_config_is_the_model_table() -> None:
+    from thruput.models import GPTConfig
+
+    cfg = from_dict({"data": {"seq_len": 64}, "model": {"d_model": 32, "n_heads": 2}})
+    assert cfg.model == GPTConfig(d_model=32, n_heads=2, max_seq_len=64)  # as long as the rows by default
+    assert from_dict(to_dict(cfg)) == cfg

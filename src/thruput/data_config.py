@@ -11,7 +11,8 @@ from typing import Any
 from thruput.config import ConfigError, RunConfig, ScheduleConfig, SourceConfig
 from thruput.data import (ByteTokenizer, DataError, FieldError, HFTokenizer, JsonlSource, MalformedRecord,
                           ParquetSource, TextFilesSource)
-from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files, stdlib_sections
+from thruput.data.corpus import default_corpus_dir, docstrings, stdlib_definitions, stdlib_files, stdlib_sections
+from thruput.models.kinds import vocab_size
 
 FILE_KINDS = ("jsonl", "parquet", "text")
 _CHECKED_RECORDS = 8  # records read per file-backed source by check_data
@@ -31,9 +32,11 @@ def build_source(cfg: RunConfig, s: SourceConfig) -> Any:
         return TextFilesSource(s.name, sorted(files), **common)
     if s.kind == "stdlib_sections":
         # Modules cut at line ends into sections of one row each (seq_len + 1 byte tokens).
-        return JsonlSource(s.name, stdlib_sections(cfg.data.seq_len + 1, s.max_files), **common)
+        path = stdlib_sections(cfg.data.seq_len + 1, s.max_files, directory=default_corpus_dir(cfg.cache_dir))
+        return JsonlSource(s.name, path, **common)
     if s.kind in ("stdlib_functions", "stdlib_docstrings"):
-        return JsonlSource(s.name, stdlib_definitions(s.max_files)[s.kind.removeprefix("stdlib_")], **common)
+        paths = stdlib_definitions(s.max_files, directory=default_corpus_dir(cfg.cache_dir))
+        return JsonlSource(s.name, paths[s.kind.removeprefix("stdlib_")], **common)
     if s.kind == "jsonl":
         return JsonlSource(s.name, s.path, text_field=s.text_field, **common)
     if s.kind == "parquet":
@@ -60,7 +63,7 @@ def build_tokenizer(cfg: RunConfig) -> Any:
 def check_data(cfg: RunConfig) -> None:
     """Catch a wrong data config before anything heavy starts, as a ``ConfigError`` naming the key.
 
-    Loads the tokenizer (``data.tokenizer``), compares its vocabulary with ``model.vocab_size``
+    Loads the tokenizer (``data.tokenizer``), compares its vocabulary with the model's
     and ``data.eos``, then opens every file-backed source (``data.sources[i].path``: missing
     files, empty folders and globs, unreadable or empty files) and reads its first records
     (``data.sources[i].text_field``: a field or column that is not there). With
@@ -69,8 +72,9 @@ def check_data(cfg: RunConfig) -> None:
     """
     tokenizer = build_tokenizer(cfg)
     where = f"'{cfg.data.tokenizer}'" if cfg.data.tokenizer else "bytes"
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+    key, vocab = vocab_size(cfg.model)
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"{key}: {vocab} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size} tokens, {where})")
     if cfg.data.eos and getattr(tokenizer, "eos_id", None) is None:
         raise ConfigError(f"data.eos: true, but the tokenizer ({where}) has no EOS token")

@@ -158,7 +158,11 @@ class DemoWorkload:
             return loader_for(self.dataset, batch_size=s.baseline_rows, steps=s.steps, seed=s.seed, workers=1)
 
         t0 = time.perf_counter()
-        result = train(cfg, show_progress=show_progress, loader_factory=None if packed else baseline_loader)
+        from thruput.cli import ProgressBar
+
+        with ProgressBar(name) as bar:
+            result = train(cfg, loader_factory=None if packed else baseline_loader,
+                           on_step=bar if show_progress else None)
         wall = time.perf_counter() - t0
         assert result.model is not None and result.document is not None
         return RunOutcome(name, levers, result.document, result.losses, evaluate(result.model, self.eval_batches()),
