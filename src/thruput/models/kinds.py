@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
 
 from thruput.models.gpt_config import GPTConfig
+from thruput.models.hf_config import HFModelConfig
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +65,7 @@ class ModelKind:
 
 _KINDS: dict[str, ModelKind] = {
     "gpt": ModelKind(GPTConfig, "thruput.models.gpt_kind"),
+    "hf": ModelKind(HFModelConfig, "thruput.hf.model_kind"),
 }
 
 
