@@ -162,3 +162,47 @@ def test_import_thruput_and_its_config_never_import_transformers():
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_on_the_ray_data_plane(tmp_path, ray_address):
+    """LoRA on a tiny Llama, two gloo ranks sharing the Ray data plane (resumption under torchrun
+    is tested with the GPT in test_train_cli.py: the loop is the same)."""
+    import json
+    import os
+    import subprocess
+
+    path = tmp_path / "run.toml"
+    path.write_text(f"""name = "run"
+steps = 3
+seed = 5
+[model]
+kind = "hf"
+hf_config = {{ model_type = "llama", hidden_size = 32, intermediate_size = 64, num_hidden_layers = 1, \
+num_attention_heads = 2, num_key_value_heads = 1, vocab_size = 256 }}
+lora = {{ r = 4, target_modules = ["q_proj", "v_proj"] }}
+[data]
+seq_len = 32
+batch_size = 2
+ray_address = "{ray_address}"
+[[data.sources]]
+name = "code"
+kind = "stdlib_code"
+max_files = 20
+[kernels]
+fused_cross_entropy = true
+[checkpoint]
+dir = "{tmp_path / 'ckpt'}"
+[profile]
+peak_flops = 1e11
+report_dir = "{tmp_path}"
+""")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "thruput.cli", "train", str(path)]
+    done = subprocess.run(launch, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
+    assert state["step"] == 3 and len(state["optimizer"]["state"]) == 4  # q and v adapters, A and B
+    assert any(state["model"][k].abs().sum() > 0 for k in state["model"] if "lora_B" in k)  # B starts at zero
+    meta = json.loads((tmp_path / "run.json").read_text())["meta"]
+    assert meta["world_size"] == 2 and meta["data_backend"] == "ray"

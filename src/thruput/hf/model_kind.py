@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -179,7 +180,9 @@ def _with_lora(module: torch.nn.Module, keys: dict[str, Any]) -> torch.nn.Module
         raise ConfigError("model.lora: needs peft: pip install 'thruput[hf]'") from None
     try:
         config = peft.LoraConfig(task_type="CAUSAL_LM", **keys)
-        return peft.get_peft_model(module, config)
+        with warnings.catch_warnings():  # peft asks transformers by the name it deprecated: not the user's doing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return peft.get_peft_model(module, config)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.lora: {_first_line(exc)}") from None
 
