@@ -71,7 +71,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     log = StepLog(config.log_every)
     with ProgressBar(config.name) as bar:
-        result = train(config, resume=args.resume, on_step=lambda info: (bar(info), log(info)))
+        def on_step(info: Any) -> None:
+            bar(info)
+            log(info)
+
+        result = train(config, resume=args.resume, on_step=on_step)
     if result.rank == 0:
         render_terminal(result.document)
     return 0
