@@ -206,3 +206,13 @@ report_dir = "{tmp_path}"
     assert any(state["model"][k].abs().sum() > 0 for k in state["model"] if "lora_B" in k)  # B starts at zero
     meta = json.loads((tmp_path / "run.json").read_text())["meta"]
     assert meta["world_size"] == 2 and meta["data_backend"] == "ray"
+
+
+def test_a_model_with_dropout_resumes_bitwise(tmp_path):
+    """Attention dropout draws from torch's generator: the checkpoint carries its state."""
+    dropout = {**LLAMA, "num_hidden_layers": 1, "attention_dropout": 0.5}
+    cfg = lambda path: _cfg(path, model={"hf_config": dropout}, steps=4, **{"checkpoint.every": 2})  # noqa: E731
+    full = train(cfg(tmp_path / "a"))
+    train(cfg(tmp_path / "b"), stop_after=2)
+    resumed = train(cfg(tmp_path / "b"), resume=True)
+    assert resumed.start_step == 2 and resumed.losses == full.losses

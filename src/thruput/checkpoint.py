@@ -176,15 +176,18 @@ def check_same_run(path: Path, state: Mapping[str, Any], config: Mapping[str, An
                                   f"{value!r} in this run")
 
 
-def restore(path: Path, state: Mapping[str, Any], parts: Mapping[str, Any], entries: Iterable[str] = ()) -> None:
+def restore(path: Path, state: Mapping[str, Any], parts: Mapping[str, Any], entries: Iterable[str] = (),
+            optional: Iterable[str] = ()) -> None:
     """Load ``state[name]`` into each of ``parts`` (objects with ``load_state_dict``); a module's
     tensors are first checked against its own by name and shape. ``entries``: other keys
-    ``state`` must hold.
+    ``state`` must hold; ``optional``: parts that checkpoints written before them lack (left as
+    they are).
 
     Raises CheckpointError naming ``path`` and the first entry or key that does not fit.
     """
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training checkpoint")
+    parts = {name: part for name, part in parts.items() if name in state or name not in set(optional)}
     missing = [name for name in [*parts, *entries] if name not in state]
     if missing:
         raise CheckpointError(f"{path}: no {missing[0]!r} entry: not a training checkpoint of this kind "
@@ -235,6 +238,22 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TorchRNG:
+    """torch's random generators as a stateful part (CPU, and every CUDA device's once CUDA is
+    initialised), so that dropout draws the same masks after a resume as without one."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Checkpointer:

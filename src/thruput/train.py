@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from thruput.checkpoint import Checkpointer, CheckpointError, check_same_run, load_newest, restore
+from thruput.checkpoint import Checkpointer, CheckpointError, TorchRNG, check_same_run, load_newest, restore
 from thruput.config import ConfigError, RunConfig, to_dict
 from thruput.data_config import build_sources, build_tokenizer, check_data
 from thruput.models.kinds import build_model, bundled_tokenizer
@@ -225,14 +225,14 @@ def train(
     checkpoints = Checkpointer(
         cfg.checkpoint.dir, cfg.checkpoint.every, cfg.checkpoint.keep,
         {"model": model.module, "optimizer": optimizer.optimizer, "scheduler": scheduler, "loader": loader,
-         "profiler": prof}, writes=rank == 0, collective=optimizer.collective_state,
+         "profiler": prof, "rng": TorchRNG()}, writes=rank == 0, collective=optimizer.collective_state,
         export=model.save if cfg.checkpoint.save_model else None)
 
     result = TrainResult(model=model.module, skipped_checkpoints=skipped, rank=rank)
     step = 0
     try:  # from here on the loader is closed however the run ends
         if state is not None:
-            restore(path, state, checkpoints.parts, entries=("step", "losses", "useful_tokens"))
+            restore(path, state, checkpoints.parts, entries=("step", "losses", "useful_tokens"), optional=("rng",))
             step = result.start_step = int(state["step"])
             result.losses = list(state["losses"])
             result.useful_tokens = int(state["useful_tokens"])
