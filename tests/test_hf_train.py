@@ -216,3 +216,14 @@ def test_a_model_with_dropout_resumes_bitwise(tmp_path):
     train(cfg(tmp_path / "b"), stop_after=2)
     resumed = train(cfg(tmp_path / "b"), resume=True)
     assert resumed.start_step == 2 and resumed.losses == full.losses
+
+
+def test_learned_positions_restart_in_every_piece(tmp_path):
+    """GPT-2's 64 learned positions: pieces of long documents (positions far past 64 in the
+    Loader) train, each counted from 0; rows longer than the table are refused."""
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "vocab_size": 256, "n_positions": 64}
+    result = train(_cfg(tmp_path, model={"hf_config": gpt2}, steps=2, **{"checkpoint.every": 0,
+                                                                        "kernels.fused_cross_entropy": True}))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    with pytest.raises(ConfigError, match=r"^data.seq_len: 128 is longer than the model's 64 learned positions"):
+        train(_cfg(tmp_path, model={"hf_config": gpt2}, steps=1, **{"data.seq_len": 128, "checkpoint.every": 0}))

@@ -35,8 +35,15 @@ class HFModel:
         self.layers, self.width = config.num_hidden_layers, config.hidden_size
         embedding = _base(module).get_input_embeddings().weight.numel()
         self.matmul_params = sum(p.numel() for p in module.parameters()) - embedding
+        # Learned absolute positions (GPT-2) have a table of n_positions rows: a piece that
+        # continues a long document would index past it. Each piece starts at 0 instead, as the
+        # blocks of transformers' own causal-LM recipe (group_texts) do; rotary models keep the
+        # document's positions.
+        self.positions_per_piece = getattr(config, "rope_parameters", None) is None
 
     def loss(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if self.positions_per_piece and "segment_ids" in batch:
+            batch = {**batch, "position_ids": piece_positions(batch["segment_ids"])}
         return self.module(**hf_batch(batch)).loss
 
     def flops(self, batch: Mapping[str, Any]) -> float:
@@ -67,6 +74,14 @@ class HFModel:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, directory / name)
+
+
+def piece_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions counted from 0 at the start of every piece (a change of ``segment_ids``) of each row."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    index = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    return index - torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
 
 
 def _base(module: torch.nn.Module) -> Any:
@@ -143,6 +158,11 @@ def build(cfg: Any, device: torch.device) -> HFModel:
     seed), in ``model.dtype``, patched, with activation checkpointing and LoRA as configured."""
     m: HFModelConfig = cfg.model
     config, dtype = hf_config(m), _DTYPES[m.dtype]
+    longest = getattr(config, "max_position_embeddings", None)
+    if getattr(config, "rope_parameters", None) is None and longest is not None and cfg.data.seq_len > longest:
+        where = "model.hf_config" if m.hf is None else f"model.hf ('{m.hf}' config.json)"
+        raise ConfigError(f"data.seq_len: {cfg.data.seq_len} is longer than the model's {longest} learned "
+                          f"positions ({where})")
     if m.hf is not None:
         _check_weights(_folder(m))
         try:
