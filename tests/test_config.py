@@ -4,9 +4,13 @@ import pytest
 
 from thruput.config import ConfigError, RunConfig, from_dict, load_config, to_dict
 
+# A source of the data layer's own that needs no files.
+MEMORY = {"kind": "memory", "options": {"texts": ["some text"]}}
+MEMORY_TOML = 'kind = "memory"\noptions = { texts = ["some text"] }\n'
+
 
 def test_defaults_and_int_to_float() -> None:
-    cfg = from_dict({"optimizer": {"lr": 1}})
+    cfg = from_dict({"optimizer": {"lr": 1}, "data": {"sources": [{"name": "m", **MEMORY}]}})
     assert isinstance(cfg, RunConfig) and cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
     assert cfg.optimizer.betas == (0.9, 0.95)
 
@@ -23,12 +27,14 @@ def test_defaults_and_int_to_float() -> None:
         ({"optimizer": {"betas": [0.9]}}, "optimizer.betas: expected a list of 2 values"),
         ({"data": {"sources": [{"kind": "jsonl"}]}}, r"data.sources\[0\].name: required key is missing"),
         ({"data": {"sources": [{"name": "a", "kind": "jsonl"}]}}, r"data.sources\[0\].path: required"),
-        ({"data": {"sources": [{"name": "a", "weight": 0.0}]}}, "weights sum to zero"),
+        ({"data": {"sources": [{"name": "a", "weight": 0.0, **MEMORY}]}}, "weights sum to zero"),
+        ({"data": {"sources": [{"name": "a"}]}}, r"data.sources\[0\].kind: required key is missing"),
+        ({}, "data.sources: at least one source is required"),
         ({"data": {"seq_len": 0}}, "data.seq_len: must be positive"),
         ({"data": {"seq_len": 2, "sources": [{"name": "a", "kind": "stdlib_sections"}]}},
          r"data.seq_len: kind 'stdlib_sections' \(data.sources\[0\]\)"),
         ({"checkpoint": {"every": 5}}, "checkpoint.dir: required"),
-        ({"model": {"d_model": 30, "n_heads": 4}}, "model.d_model"),
+        ({"model": {"d_model": 30, "n_heads": 4}, "data": {"sources": [{"name": "a", **MEMORY}]}}, "model.d_model"),
         ({"model": 3}, "model: expected a table"),
     ],
 )
@@ -39,7 +45,7 @@ def test_bad_values_name_the_key(raw: dict, message: str) -> None:
 
 def test_load_from_toml_with_overrides(tmp_path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('name = "x"\nsteps = 7\n[optimizer]\nlr = 0.01\n[[data.sources]]\nname = "code"\n')
+    path.write_text('name = "x"\nsteps = 7\n[optimizer]\nlr = 0.01\n[[data.sources]]\nname = "code"\n' + MEMORY_TOML)
     cfg = load_config(path, overrides={"optimizer.lr": 0.5})
     assert cfg.name == "x" and cfg.steps == 7 and cfg.optimizer.lr == 0.5
     assert [s.name for s in cfg.data.sources] == ["code"]
@@ -78,7 +84,7 @@ weight = { schedule = "constant", value = 2 }
 [[data.sources]]
 name = "e"
 weight = 0.5
-"""
+""".replace("weight =", MEMORY_TOML + "weight =")
 
 
 def test_weight_schedules_in_toml_map_onto_mixture_schedules(tmp_path) -> None:
@@ -95,7 +101,7 @@ def test_weight_schedules_in_toml_map_onto_mixture_schedules(tmp_path) -> None:
 
 
 def _with_weight(weight: object) -> dict:
-    return {"data": {"sources": [{"name": "a"}, {"name": "b", "weight": weight}]}}
+    return {"data": {"sources": [{"name": "a", **MEMORY}, {"name": "b", "weight": weight, **MEMORY}]}}
 
 
 @pytest.mark.parametrize(
@@ -125,7 +131,8 @@ def test_bad_weight_schedules_name_the_key(weight: object, message: str) -> None
 
 
 def test_schedule_weights_sum_checked_at_step_zero() -> None:
-    raw = {"data": {"sources": [{"name": "a", "weight": {"schedule": "linear", "start": 0.0, "end": 1.0, "steps": 5}}]}}
+    raw = {"data": {"sources": [{"name": "a", "weight": {"schedule": "linear", "start": 0.0, "end": 1.0, "steps": 5},
+                                 **MEMORY}]}}
     with pytest.raises(ConfigError, match=r"weights sum to zero \(at step 0\)"):
         from_dict(raw)
 
@@ -146,19 +153,20 @@ def test_schedule_weights_sum_checked_at_step_zero() -> None:
 )
 def test_model_table_is_read_by_its_kind(model: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        from_dict({"model": model})
+        from_dict({"model": model, "data": {"sources": [{"name": "m", **MEMORY}]}})
 
 
 def test_the_gpt_config_is_the_model_table() -> None:
     from thruput.models import GPTConfig
     from thruput.models.hf_config import HFModelConfig
 
-    cfg = from_dict({"data": {"seq_len": 64}, "model": {"d_model": 32, "n_heads": 2}})
+    cfg = from_dict({"data": {"seq_len": 64, "sources": [{"name": "m", **MEMORY}]}, "model": {"d_model": 32, "n_heads": 2}})
     assert cfg.model == GPTConfig(d_model=32, n_heads=2, max_seq_len=64)  # as long as the rows by default
     assert from_dict(to_dict(cfg)) == cfg
     hf = from_dict({"model": {"kind": "hf", "hf_config": {"model_type": "llama", "hidden_size": 32}, "lora": {"r": 4}},
-                    "optimizer": {"kind": "offload_adamw"}})
+                    "optimizer": {"kind": "offload_adamw"}, "data": {"sources": [{"name": "m", **MEMORY}]}})
     assert isinstance(hf.model, HFModelConfig) and hf.model.hf_config["hidden_size"] == 32
     assert from_dict(to_dict(hf)) == hf
     with pytest.raises(ConfigError, match=r"^kernels.compile: not supported for model.kind = 'hf'"):
-        from_dict({"model": {"kind": "hf", "hf": "x"}, "kernels": {"compile": True}})
+        from_dict({"model": {"kind": "hf", "hf": "x"}, "kernels": {"compile": True},
+                   "data": {"sources": [{"name": "m", **MEMORY}]}})

@@ -108,3 +108,79 @@ def test_cli_prints_a_bad_data_config_as_one_line(data, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("thruput train: data.sources[0].text_field: source 'web': file ")
     assert err.endswith("line 1: no field 'content' (fields: text, id)") and "\n" not in err
+
+
+def test_an_unknown_source_kind_names_its_key_and_lists_the_known_kinds(data):
+    good = {"name": "web", "kind": "jsonl", "path": str(data / "web")}
+    with pytest.raises(ConfigError) as err:
+        _cfg(data, good, {"name": "x", "kind": "csv", "path": str(data)})
+    message = str(err.value)
+    assert message.startswith("data.sources[1].kind: unknown source kind 'csv' (known: ")
+    # The data layer's kinds and, through their entry points, the demo's.
+    for kind in ("jsonl", "memory", "parquet", "text", "stdlib_code", "stdlib_sections"):
+        assert kind in message
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"name": "m", "kind": "memory"}, r"^data.sources\[0\].options.texts: kind 'memory' needs a non-empty list"),
+    ({"name": "m", "kind": "memory", "options": {"texts": ["a"], "max_files": 3}},
+     r"^data.sources\[0\].options.max_files: not an option of kind 'memory' \(its options: texts\)$"),
+    ({"name": "c", "kind": "stdlib_code", "options": {"max_files": "all"}},
+     r"^data.sources\[0\].options.max_files: expected int, got str 'all'$"),
+    ({"name": "c", "kind": "stdlib_code", "options": {"max_files": 0}},
+     r"^data.sources\[0\].options.max_files: must be positive, got 0$"),
+    ({"name": "w", "kind": "jsonl", "path": "x", "options": {"max_files": 3}},
+     r"^data.sources\[0\].options.max_files: not an option of kind 'jsonl' \(its options: none\)$"),
+])
+def test_a_kinds_options_are_checked_by_the_kind(data, source, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(data, source)
+
+
+def test_memory_and_registered_kinds_build_through_the_registry(data, monkeypatch):
+    from thruput import data_config
+    from thruput.data import MemorySource
+    from thruput.data_config import SourceKind, build_sources, register_source_kind, source_kinds
+
+    monkeypatch.setattr(data_config, "_KINDS", dict(data_config._KINDS))  # this test's kinds end with it
+    texts = ["first document", "second one"]
+    cfg = _cfg(data, {"name": "m", "kind": "memory", "options": {"texts": texts}, "weight": 2.0})
+    (source,) = build_sources(cfg)
+    assert isinstance(source, MemorySource) and source.records == texts and source.weight == 2.0
+
+    built = []
+
+    def upper(s, run_cfg, common):
+        built.append((s.name, run_cfg.data.seq_len, common))
+        return MemorySource(s.name, [t.upper() for t in s.options["texts"]], **common)
+
+    kind = SourceKind(upper, options={"texts": list})
+    register_source_kind("upper_test", kind)
+    register_source_kind("upper_test", kind)  # the same kind again: no error
+    with pytest.raises(ValueError, match="'upper_test' is already registered"):
+        register_source_kind("upper_test", SourceKind(upper))
+    assert "upper_test" in source_kinds()
+    (source,) = build_sources(_cfg(data, {"name": "u", "kind": "upper_test", "options": {"texts": texts}}))
+    assert source.records == ["FIRST DOCUMENT", "SECOND ONE"]
+    assert built == [("u", 32, {"weight": 1.0, "on_error": "raise"})]
+
+
+def test_the_demo_kinds_are_not_in_the_core_config():
+    import typing
+
+    from thruput.config import SourceConfig
+
+    assert typing.get_type_hints(SourceConfig)["kind"] is str
+    assert not hasattr(SourceConfig, "max_files")
+
+
+def test_entry_point_kinds_are_listed_without_importing_them_and_load_on_first_use():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from thruput.data_config import source_kind, source_kinds\n"
+            "assert 'stdlib_sections' in source_kinds() and 'thruput.demo.sources' not in sys.modules\n"
+            "from thruput.demo.sources import STDLIB_SECTIONS\n"
+            "assert source_kind('stdlib_sections') is STDLIB_SECTIONS\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

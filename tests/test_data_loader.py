@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from thruput.data import DataError, InlineBackend, JsonlSource, Loader, MemorySource, Plan, piecewise
+from thruput.data import DataError, JsonlSource, Loader, MemorySource, Plan, piecewise
+from thruput.data.backend import InlineBackend
 
 KEYS = ("input_ids", "shift_labels", "position_ids", "cu_seqlens")
 

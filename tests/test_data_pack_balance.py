@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thruput.data import CostModel, DataError, assign_pieces, lpt_equal_count
-from thruput.data.balance import calibrate
+from thruput.data import CostModel, DataError
+from thruput.data.balance import assign_pieces, calibrate, lpt_equal_count
 from thruput.data.pack import one_per_row, pack_best_fit, pack_in_order
 
 

@@ -20,8 +20,8 @@ def _cfg(tmp_path, model=None, **overrides):
     raw = {"name": "hf", "steps": 6, "seed": 2,
            "model": {"kind": "hf", "hf_config": LLAMA, **(model or {})},
            "data": {"seq_len": 32, "batch_size": 2,
-                    "sources": [{"name": "code", "kind": "stdlib_code", "max_files": 12},
-                                {"name": "docs", "kind": "stdlib_prose", "max_files": 12}]},
+                    "sources": [{"name": "code", "kind": "stdlib_code", "options": {"max_files": 12}},
+                                {"name": "docs", "kind": "stdlib_prose", "options": {"max_files": 12}}]},
            "optimizer": {"warmup_steps": 2, "lr": 3e-3},
            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 3, "keep": 5},
            "profile": {"peak_flops": 1e11}}
@@ -158,7 +158,7 @@ def test_import_thruput_and_its_config_never_import_transformers():
     import subprocess
 
     code = ("import thruput, thruput.config, thruput.train, sys; "
-            "from thruput.config import from_dict; from_dict({'model': {'kind': 'hf', 'hf': 'x'}}); "
+            "from thruput.config import from_dict; from_dict({'model': {'kind': 'hf', 'hf': 'x'}, 'data': {'sources': [{'name': 'm', 'kind': 'memory', 'options': {'texts': ['a']}}]}}); "
             "print('transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
@@ -188,7 +188,7 @@ ray_address = "{ray_address}"
 [[data.sources]]
 name = "code"
 kind = "stdlib_code"
-max_files = 20
+options = {{ max_files = 20 }}
 [kernels]
 fused_cross_entropy = true
 [checkpoint]
@@ -204,7 +204,7 @@ report_dir = "{tmp_path}"
     state = load_checkpoint(latest_checkpoint(tmp_path / "ckpt"))
     assert state["step"] == 3 and len(state["optimizer"]["state"]) == 4  # q and v adapters, A and B
     assert any(state["model"][k].abs().sum() > 0 for k in state["model"] if "lora_B" in k)  # B starts at zero
-    meta = json.loads((tmp_path / "run.json").read_text())["meta"]
+    meta = json.loads((tmp_path / "run-rank0.json").read_text())["meta"]  # each rank writes its own
     assert meta["world_size"] == 2 and meta["data_backend"] == "ray"
 
 

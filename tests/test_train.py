@@ -17,8 +17,8 @@ def _cfg(tmp_path, **overrides) -> object:
         "name": "t", "steps": 6, "seed": 3,
         "model": {"d_model": 32, "n_layers": 2, "n_heads": 2},
         "data": {"seq_len": 32, "batch_size": 2,
-                 "sources": [{"name": "code", "kind": "stdlib_code", "max_files": 20, "weight": 2.0},
-                             {"name": "prose", "kind": "stdlib_prose", "max_files": 20}]},
+                 "sources": [{"name": "code", "kind": "stdlib_code", "options": {"max_files": 20}, "weight": 2.0},
+                             {"name": "prose", "kind": "stdlib_prose", "options": {"max_files": 20}}]},
         "optimizer": {"warmup_steps": 2},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 3, "keep": 5},
         "profile": {"peak_flops": 1e11, "clock_hz": 20},
@@ -175,9 +175,9 @@ def test_checkpoint_of_another_run_is_refused_naming_the_key(tmp_path) -> None:
     with pytest.raises(CheckpointError, match=r"step_00000003.pt does not fit this run: model.d_model is 32 in the "
                                               r"checkpoint, 64 in this run$"):
         train(_cfg(tmp_path, steps=6, **{"model.d_model": 64}), resume=True)
+    code = {"name": "code", "kind": "stdlib_code", "options": {"max_files": 20}}
     with pytest.raises(CheckpointError, match=r"data.sources is \['code', 'prose'\] in the checkpoint, \['code'\]"):
-        train(_cfg(tmp_path, steps=6, **{"data.sources": [{"name": "code", "kind": "stdlib_code", "max_files": 20}]}),
-              resume=True)
+        train(_cfg(tmp_path, steps=6, **{"data.sources": [code]}), resume=True)
     # A checkpoint without the config (written elsewhere, or before it was saved) is checked tensor by tensor.
     path = latest_checkpoint(tmp_path / "ckpt")
     state = load_checkpoint(path)
@@ -284,7 +284,7 @@ def test_a_registered_model_kind_trains_resumes_and_exports_through_the_same_loo
 
 
 def test_cache_dir_is_where_generated_corpora_go(tmp_path) -> None:
-    sources = [{"name": "docs", "kind": "stdlib_docstrings", "max_files": 5}]
+    sources = [{"name": "docs", "kind": "stdlib_docstrings", "options": {"max_files": 5}}]
     train(_cfg(tmp_path, steps=1, cache_dir=str(tmp_path / "cache"), **{"data.sources": sources,
                                                                         "checkpoint.every": 0}))
     assert list((tmp_path / "cache" / "corpus").glob("stdlib-*/docstrings.jsonl"))

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from thruput.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from thruput.profile.job import load_job
 
 CONFIG = """
 name = "{name}"
@@ -31,11 +32,11 @@ workers = {workers}
 [[data.sources]]
 name = "code"
 kind = "stdlib_code"
-max_files = 30
+options = {{ max_files = 30 }}
 [[data.sources]]
 name = "docs"
 kind = "stdlib_docstrings"
-max_files = 30
+options = {{ max_files = 30 }}
 weight = 0.5
 [optimizer]
 warmup_steps = 2
@@ -131,5 +132,9 @@ def test_two_rank_torchrun_completes_and_resumes(tmp_path, ray_address) -> None:
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["profiler"]["records"] and len(b["profiler"]["records"]) == steps
-    meta = json.loads((tmp_path / "part" / "part.json").read_text())["meta"]
+    meta = json.loads((tmp_path / "part" / "part-rank0.json").read_text())["meta"]
     assert meta["world_size"] == 2 and meta["optimizer"] == "Zero2OffloadAdamW" and meta["data_backend"] == "ray"
+    # Each rank wrote its document; merged, ZeRO-2's collectives gave every step a per-rank record.
+    job = load_job(tmp_path / "part")
+    assert job["ranks"] == [0, 1] and not job["missing_ranks"]
+    assert all(s["comm_wait"] is not None for d in job["documents"].values() for s in d["steps"])

@@ -52,7 +52,7 @@ def one_line(exc: BaseException) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from thruput.demo import run_demo
+    from thruput.demo.present import run_demo
 
     run_demo(out_dir=Path(args.out), steps=args.steps, tiny=args.tiny)
     return 0
@@ -130,8 +130,17 @@ class StepLog:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from thruput.profile import load_json, render_terminal, save_html, save_trace
+    from thruput.profile import (load_job, load_json, render_job_terminal, render_terminal, save_html,
+                                 save_job_html, save_job_trace, save_trace)
 
+    if Path(args.run).is_dir():  # the ranks' documents of one job, merged
+        job = load_job(args.run)
+        render_job_terminal(job)
+        if args.html:
+            print(f"HTML report: {save_job_html(job, args.html)}")
+        if args.trace:
+            print(f"Perfetto trace: {save_job_trace(job, args.trace)}")
+        return 0
     document = load_json(args.run)
     render_terminal(document)
     if args.html:
@@ -179,8 +188,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    from thruput.console import make_console
     from thruput.memory.plan import parse_bytes, parse_count, plan, render_plan
 
     result = plan(
@@ -194,7 +202,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         d_model=args.d_model,
         n_layers=args.n_layers,
     )
-    Console().print(render_plan(result))
+    make_console().print(render_plan(result))
     return 0
 
 
@@ -237,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the newest checkpoint that loads (newer ones that do not are named)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("report", parents=[common], help="render a saved run (RUN.json) as a table, HTML or trace")
-    p.add_argument("run", help="run document written by the profiler")
+    p = sub.add_parser("report", parents=[common], help="render a saved run (RUN.json), or merge a job's ranks (DIR/), as a table, HTML or trace")
+    p.add_argument("run", help="run document written by the profiler, or a folder of one job's rank documents")
     p.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
     p.add_argument("--trace", metavar="OUT", help="also write a Chrome/Perfetto trace")
     p.set_defaults(func=_cmd_report)

@@ -94,17 +94,19 @@ class ScheduleConfig:
 
 @dataclass
 class SourceConfig:
-    """One data source. ``kind`` picks the reader; ``path`` is a file, a glob or a folder
-    (jsonl: its ``*.jsonl`` files, parquet: ``*.parquet``, text: ``*.txt`` and ``*.md``; searched
-    recursively, sorted, hidden names left out). ``weight`` is a number or a ``ScheduleConfig``."""
+    """One data source. ``kind`` names a registered reader (``thruput.data_config``: ``jsonl``,
+    ``parquet``, ``text`` and ``memory``, and kinds that packages register, such as the demo's
+    ``stdlib_*``); ``path`` is a file, a glob or a folder (jsonl: its ``*.jsonl`` files, parquet:
+    ``*.parquet``, text: ``*.txt`` and ``*.md``; searched recursively, sorted, hidden names left
+    out). ``weight`` is a number or a ``ScheduleConfig``. ``options``: the keys of the kind itself
+    (``memory``: ``texts``; the demo's kinds: ``max_files``), each checked by the kind."""
 
     name: str
-    kind: Literal["stdlib_code", "stdlib_prose", "stdlib_long", "stdlib_sections", "stdlib_functions",
-                  "stdlib_docstrings", "jsonl", "parquet", "text"] = "stdlib_code"
+    kind: str
     path: str | None = None
     text_field: str = "text"
     weight: float | ScheduleConfig = 1.0
-    max_files: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class DataConfig:
     tokenizer: str | None = None
     # Append the tokenizer's EOS to every document: default when it has one (bytes have none).
     eos: bool | None = None
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(name="code")])
+    sources: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -209,16 +211,14 @@ class RunConfig:
         names = [s.name for s in self.data.sources]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.sources: source names must be unique, got {names}")
+        from thruput.data_config import check_source  # the registry of kinds imports thruput.data
+
         for i, s in enumerate(self.data.sources):
-            if s.kind in ("jsonl", "parquet", "text") and not s.path:
-                raise ConfigError(f"data.sources[{i}].path: required for kind {s.kind!r}")
+            check_source(self, i)
             if isinstance(s.weight, ScheduleConfig):
                 s.weight.check(f"data.sources[{i}].weight")
             elif s.weight < 0:
                 raise ConfigError(f"data.sources[{i}].weight: must be >= 0, got {s.weight}")
-            if s.kind == "stdlib_sections" and self.data.seq_len < 3:
-                raise ConfigError(f"data.seq_len: kind 'stdlib_sections' (data.sources[{i}]) cuts modules into "
-                                  f"rows of seq_len + 1 >= 4 bytes, got seq_len {self.data.seq_len}")
         if sum(s.weight.at_start() if isinstance(s.weight, ScheduleConfig) else s.weight
                for s in self.data.sources) <= 0:
             raise ConfigError("data.sources: weights sum to zero (at step 0)")

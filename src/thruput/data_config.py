@@ -1,50 +1,119 @@
 """The run config's data section as ``thruput.data`` objects, and the check that runs first.
 
-``build_sources`` and ``build_tokenizer`` turn ``RunConfig.data`` into sources and a tokenizer;
-``check_data`` opens what they name before training starts, so a wrong path, field or vocabulary
-size is a ``ConfigError`` naming its key instead of a failure in a worker minutes later.
+Source kinds are a registry: a name maps to a ``SourceKind`` that builds the source from its
+``SourceConfig``. The data layer's kinds (``jsonl``, ``parquet``, ``text``, ``memory``) are
+registered here; a package adds its own with ``register_source_kind`` or, so that a config file
+can name them before anything imports the package, an entry point in the group
+``thruput.source_kinds`` whose object is a ``SourceKind`` (the demo's ``stdlib_*`` kinds,
+``thruput.demo.sources``). ``build_sources`` and ``build_tokenizer`` turn ``RunConfig.data``
+into sources and a tokenizer; ``check_data`` opens what they name before training starts, so a
+wrong path, field or vocabulary size is a ``ConfigError`` naming its key instead of a failure in
+a worker minutes later.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any
 
 from thruput.config import ConfigError, RunConfig, ScheduleConfig, SourceConfig
 from thruput.data import (ByteTokenizer, DataError, FieldError, HFTokenizer, JsonlSource, MalformedRecord,
-                          ParquetSource, TextFilesSource)
-from thruput.data.corpus import default_corpus_dir, docstrings, stdlib_definitions, stdlib_files, stdlib_sections
+                          MemorySource, ParquetSource, Source, TextFilesSource)
 from thruput.models.kinds import vocab_size
 
-FILE_KINDS = ("jsonl", "parquet", "text")
+ENTRY_POINT_GROUP = "thruput.source_kinds"
 _CHECKED_RECORDS = 8  # records read per file-backed source by check_data
 
 
-def build_source(cfg: RunConfig, s: SourceConfig) -> Any:
-    """One configured source as a ``thruput.data`` source (the stdlib kinds need no files)."""
+@dataclass(frozen=True)
+class SourceKind:
+    """How one ``kind`` of ``data.sources`` becomes a source.
+
+    ``build(s, cfg, common)`` returns the ``thruput.data`` source of ``SourceConfig`` ``s`` (``cfg``:
+    the ``RunConfig``; ``common``: the ``weight`` and ``on_error`` keywords every source takes).
+    ``files``: the kind reads ``path``, which is then required and opened by ``check_data``.
+    ``options``: the names and types of the keys it takes in ``options``. ``check(s, cfg, key)``:
+    further validation, raising ``ConfigError`` naming a key under ``key`` (``data.sources[i]``)
+    or another key of the run.
+    """
+
+    build: Callable[[SourceConfig, RunConfig, dict[str, Any]], Source]
+    files: bool = False
+    options: dict[str, type] = field(default_factory=dict)
+    check: Callable[[SourceConfig, RunConfig, str], None] | None = None
+
+
+_KINDS: dict[str, SourceKind] = {}
+
+
+def register_source_kind(name: str, kind: SourceKind) -> None:
+    """Make ``kind`` buildable as ``data.sources[i].kind = name``; ``ValueError`` if taken."""
+    if name in _KINDS and _KINDS[name] is not kind:
+        raise ValueError(f"source kind {name!r} is already registered")
+    _KINDS[name] = kind
+
+
+def source_kinds() -> list[str]:
+    """Every kind a config may name: the registered ones and the entry points (not imported)."""
+    return sorted(set(_KINDS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def source_kind(name: str, key: str = "kind") -> SourceKind:
+    """The registered ``SourceKind`` of ``name``, loading its entry point on first use;
+    ``ConfigError`` naming ``key`` and listing the known kinds when there is none."""
+    if name not in _KINDS:
+        found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+        if not found:
+            raise ConfigError(f"{key}: unknown source kind {name!r} (known: {', '.join(source_kinds())})")
+        kind = found[0].load()
+        if not isinstance(kind, SourceKind):
+            raise ConfigError(f"{key}: entry point {found[0].value!r} of kind {name!r} is not a SourceKind")
+        register_source_kind(name, kind)
+    return _KINDS[name]
+
+
+def check_source(cfg: RunConfig, index: int) -> None:
+    """``ConfigError`` naming the key when ``data.sources[index]`` is not a valid source of its
+    kind: an unknown kind, a missing ``path``, an option the kind does not take or of a wrong type."""
+    s, key = cfg.data.sources[index], f"data.sources[{index}]"
+    kind = source_kind(s.kind, f"{key}.kind")
+    if kind.files and not s.path:
+        raise ConfigError(f"{key}.path: required for kind {s.kind!r}")
+    for name, value in s.options.items():
+        if name not in kind.options:
+            known = ", ".join(sorted(kind.options)) or "none"
+            raise ConfigError(f"{key}.options.{name}: not an option of kind {s.kind!r} (its options: {known})")
+        want = kind.options[name]
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise ConfigError(f"{key}.options.{name}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    if kind.check is not None:
+        kind.check(s, cfg, key)
+
+
+def build_source(cfg: RunConfig, s: SourceConfig) -> Source:
+    """One configured source as a ``thruput.data`` source, built by its kind."""
     weight = s.weight.build() if isinstance(s.weight, ScheduleConfig) else s.weight
-    common = {"weight": weight, "on_error": cfg.data.on_error}
-    if s.kind == "stdlib_code":
-        return TextFilesSource(s.name, stdlib_files(s.max_files), **common)
-    if s.kind == "stdlib_prose":
-        return TextFilesSource(s.name, stdlib_files(s.max_files), transform=docstrings, **common)
-    if s.kind == "stdlib_long":
-        # The largest modules: long documents that packing must split across rows.
-        files = sorted(stdlib_files(), key=lambda p: (-p.stat().st_size, str(p)))[: s.max_files or 64]
-        return TextFilesSource(s.name, sorted(files), **common)
-    if s.kind == "stdlib_sections":
-        # Modules cut at line ends into sections of one row each (seq_len + 1 byte tokens).
-        path = stdlib_sections(cfg.data.seq_len + 1, s.max_files, directory=default_corpus_dir(cfg.cache_dir))
-        return JsonlSource(s.name, path, **common)
-    if s.kind in ("stdlib_functions", "stdlib_docstrings"):
-        paths = stdlib_definitions(s.max_files, directory=default_corpus_dir(cfg.cache_dir))
-        return JsonlSource(s.name, paths[s.kind.removeprefix("stdlib_")], **common)
-    if s.kind == "jsonl":
-        return JsonlSource(s.name, s.path, text_field=s.text_field, **common)
-    if s.kind == "parquet":
-        return ParquetSource(s.name, s.path, text_field=s.text_field, **common)
-    return TextFilesSource(s.name, s.path, **common)
+    return source_kind(s.kind).build(s, cfg, {"weight": weight, "on_error": cfg.data.on_error})
 
 
-def build_sources(cfg: RunConfig) -> list:
+def _memory_check(s: SourceConfig, cfg: RunConfig, key: str) -> None:
+    texts = s.options.get("texts")
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ConfigError(f"{key}.options.texts: kind 'memory' needs a non-empty list of strings")
+
+
+register_source_kind("jsonl", SourceKind(
+    lambda s, cfg, common: JsonlSource(s.name, s.path, text_field=s.text_field, **common), files=True))
+register_source_kind("parquet", SourceKind(
+    lambda s, cfg, common: ParquetSource(s.name, s.path, text_field=s.text_field, **common), files=True))
+register_source_kind("text", SourceKind(lambda s, cfg, common: TextFilesSource(s.name, s.path, **common), files=True))
+register_source_kind("memory", SourceKind(
+    lambda s, cfg, common: MemorySource(s.name, s.options["texts"], **common), options={"texts": list},
+    check=_memory_check))
+
+
+def build_sources(cfg: RunConfig) -> list[Source]:
     """The configured sources as ``thruput.data`` sources."""
     return [build_source(cfg, s) for s in cfg.data.sources]
 
@@ -79,7 +148,7 @@ def check_data(cfg: RunConfig) -> None:
     if cfg.data.eos and getattr(tokenizer, "eos_id", None) is None:
         raise ConfigError(f"data.eos: true, but the tokenizer ({where}) has no EOS token")
     for i, s in enumerate(cfg.data.sources):
-        if s.kind not in FILE_KINDS:
+        if not source_kind(s.kind).files:
             continue
         key = f"data.sources[{i}]"
         try:

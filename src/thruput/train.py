@@ -25,9 +25,9 @@ from thruput.config import ConfigError, RunConfig, to_dict
 from thruput.data_config import build_sources, build_tokenizer, check_data
 from thruput.models.kinds import build_model, bundled_tokenizer
 from thruput.optimizer import build_optimizer
+from thruput.labels import IGNORE_INDEX
 from thruput.profile import ClockSampler, StepProfiler, lookup_peak, measure_cpu_peak, run_document
-
-IGNORE_INDEX = -100
+from thruput.profile.collectives import collective
 
 
 @dataclass
@@ -284,11 +284,12 @@ def train(
         loader.close()
     kernel_fallbacks = {**_kernel_fallbacks(cfg), **model.fallbacks()}
     result.document = run_document(prof, name=cfg.name, meta={"kernel_fallbacks": kernel_fallbacks})
-    if cfg.profile.report_dir and rank == 0:
+    if cfg.profile.report_dir:  # every rank writes its own: `thruput report DIR/` merges them
         from thruput.profile import save_html, save_json
 
-        save_json(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.json")
-        save_html(result.document, Path(cfg.profile.report_dir) / f"{cfg.name}.html")
+        stem = cfg.name if world == 1 else f"{cfg.name}-rank{rank}"
+        save_json(result.document, Path(cfg.profile.report_dir) / f"{stem}.json")
+        save_html(result.document, Path(cfg.profile.report_dir) / f"{stem}.html")
     return result
 
 
@@ -301,7 +302,8 @@ def backward_global_mean(loss: torch.Tensor, labelled: int, world: int, device: 
         loss.backward()
         return labelled
     total = torch.tensor([labelled], dtype=torch.int64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(total)
+    with collective():  # rank-level wait for the slowest forward (thruput.profile.collectives)
+        dist.all_reduce(total)
     (loss * (world * labelled / max(1, int(total)))).backward()
     return int(total)
 

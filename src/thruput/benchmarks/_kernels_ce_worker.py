@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from thruput.kernels import default_chunk_size, linear_cross_entropy
-
-IGNORE_INDEX = -100
+from thruput.labels import IGNORE_INDEX
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -9,7 +9,6 @@ ASCII text, so one character is one byte token. Each source's transform case-fol
 """
 from __future__ import annotations
 
-import itertools
 import json
 import multiprocessing as mp
 import sys
@@ -23,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from thruput.baseline import PadCollate
 from thruput.data import ByteTokenizer, JsonlSource, Loader, Plan
+from thruput.demo.packed_peer import FlattenCollate, QuotaPieces
+from thruput.demo.padded_peer import PadCollate
 
 SOURCES: tuple[tuple[str, int], ...] = (("light", 1), ("medium", 3), ("heavy", 7), ("heaviest", 20))
 _ALPHABET = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz      ABCDEFGHIJ.,;-0123456789\n", dtype=np.uint8)
@@ -160,65 +160,6 @@ def peer_loader(kind: str, dataset: PeerChunks, batch_size: int, workers: int, s
                prefetch_factor=4)
 
 
-def step_quotas(weights: Sequence[float], tokens: int) -> np.ndarray:
-    """Tokens per source for one step: ``floor(w * tokens)``, the leftover to the largest remainders.
-
-    Each source's count is ``floor`` or ``ceil`` of ``w * tokens``, as in thruput's plan (which
-    hands its leftover out by seeded systematic sampling), so the two differ by at most one token
-    per source per step, and not at all where every ``w * tokens`` is a whole number.
-    """
-    exact = np.asarray(weights, dtype=np.float64) / float(np.sum(weights)) * tokens
-    base = np.floor(exact).astype(np.int64)
-    leftover = int(tokens - base.sum())
-    base[np.lexsort((np.arange(base.size), -(exact - base)))[:leftover]] += 1
-    return base
-
-
-class _DocumentCursor:
-    """One source's documents in a seeded random order per epoch, handed out as pieces."""
-
-    def __init__(self, lengths: np.ndarray, seed: int, source: int) -> None:
-        self.lengths, self.seed, self.source = lengths, seed, source
-        self._order = self._records()
-        self.record, self.start = next(self._order), 0
-
-    def _records(self) -> Iterator[int]:
-        for epoch in itertools.count():
-            for r in np.random.default_rng([self.seed, self.source, epoch]).permutation(len(self.lengths)).tolist():
-                if self.lengths[r] > 0:
-                    yield r
-
-    def take(self, tokens: int, max_piece: int) -> list[tuple[int, int, int, int]]:
-        """The next ``tokens`` tokens as ``(source, record, start, length)`` pieces of at most ``max_piece``."""
-        pieces = []
-        while tokens > 0:
-            n = min(tokens, max_piece, int(self.lengths[self.record]) - self.start)
-            pieces.append((self.source, self.record, self.start, n))
-            self.start += n
-            tokens -= n
-            if self.start == self.lengths[self.record]:
-                self.record, self.start = next(self._order), 0
-        return pieces
-
-
-class QuotaPieces:
-    """Batch sampler of the packed peer: per step, each source's token quota as document pieces.
-
-    A step is a list of ``(source, record, start, length)`` pieces of at most ``seq_len`` tokens:
-    each source's documents in a seeded random order per epoch, cut where the step's quota ends
-    and continued in the next step, the way thruput's plan mixes by tokens. Endless.
-    """
-
-    def __init__(self, lengths: Sequence[np.ndarray], weights: Sequence[float], tokens: int, seq_len: int,
-                 seed: int) -> None:
-        self.lengths, self.quotas, self.seq_len, self.seed = list(lengths), step_quotas(weights, tokens), seq_len, seed
-
-    def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        cursors = [_DocumentCursor(lens, self.seed, s) for s, lens in enumerate(self.lengths)]
-        while True:
-            yield [p for cursor, quota in zip(cursors, self.quotas) for p in cursor.take(int(quota), self.seq_len)]
-
-
 class PackedPieces(Dataset):
     """The packed peer's dataset: one cleaned, tokenized piece of a document per index."""
 
@@ -230,24 +171,6 @@ class PackedPieces(Dataset):
         source = self.sources[s]
         text = source.read(record)["text"][start : start + n]  # one byte token per character
         return {"input_ids": self.tokenizer.encode(source.transform.text(text)).tolist(), "source": s}
-
-
-class FlattenCollate:
-    """transformers' ``DataCollatorWithFlattening`` (one ``[1, tokens]`` row, ``position_ids``
-    restarting per piece, ``-100`` labels at each piece's start), plus ``tokens_per_source``."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        from transformers import DataCollatorWithFlattening
-
-        self.names, self.collate = list(names), DataCollatorWithFlattening(return_tensors="pt")
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        per_source = dict.fromkeys(self.names, 0)
-        for f in features:
-            per_source[self.names[f["source"]]] += len(f["input_ids"])
-        batch = self.collate([{"input_ids": f["input_ids"]} for f in features])
-        batch["tokens_per_source"] = per_source
-        return batch
 
 
 def packed_peer_loader(sources: Sequence[JsonlSource], lengths: Sequence[np.ndarray], tokens: int, seq_len: int,

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from thruput.console import make_console
 from thruput.memory.adam import BLOCK, AdamState, adamw_step, kernel_available, kernel_build_error
 
 DESCRIPTION = ("offload AdamW update (bf16 grads -> fp32 master -> bf16 params): Mparam/s vs torch fused/"
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
     result["thruput_fp32_bandwidth_fraction"] = min(s["arms"]["thruput fp32"]["bandwidth_fraction"]
                                                     for s in per_size)
     result["machine"]["loadavg_before_after"] = [load_before[0], os.getloadavg()[0]]
-    console = Console(width=max(Console().width, 100))
+    console = make_console(min_width=100)
     console.print(table)
     console.print(f"fp32 states vs best peer {result['thruput_fp32_vs_best_peer']:.2f}x (goal 1.5), "
                     f"low-precision states {result['thruput_lowp_vs_best_peer']:.2f}x (goal 2.0), "

@@ -27,10 +27,11 @@ import itertools
 import time
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
-from thruput.data import CostModel, assign_pieces
+from thruput.console import make_console
+from thruput.data import CostModel
+from thruput.data.balance import assign_pieces
 from thruput.data.pack import pack_best_fit
 
 DESCRIPTION = ("max/mean rank cost at 8/64/512 ranks: thruput vs Karmarkar-Karp, transformers' length-grouped "
@@ -189,4 +190,4 @@ def _print(result: dict, planners: tuple[str, ...]) -> None:
                           "-" if plan is None else f"{1e3 * plan:.0f}",
                           f"{entry['kk_max_tokens_over_capacity']:.2f}" if p == "karmarkar_karp" else
                           ("1.00" if p == "thruput" else "-"))
-    Console().print(table)
+    make_console().print(table)

@@ -19,8 +19,9 @@ import sys
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
+
+from thruput.console import make_console
 
 DESCRIPTION = "transformers Llama on packed rows: patch(model) vs unpatched sdpa and eager (time, peak memory)"
 VARIANTS = ("sdpa", "eager", "thruput", "thruput_loss", "thruput_attention")
@@ -74,7 +75,7 @@ def figures(device: str, rows: int, seq_len: int, rounds: int, reps: int) -> dic
 
 def run(args: argparse.Namespace) -> dict:
     rows, seq_len, rounds, reps = (2, 512, 1, 1) if args.quick else (args.rows, args.seq_len, args.rounds, args.reps)
-    console = Console()
+    console = make_console()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     result: dict[str, Any] = {"quick": bool(args.quick), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "runs": {}}

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from thruput.console import make_console
+
 DESCRIPTION = ("fused CE vs torch's native F.linear_cross_entropy and the naive loss at 32k/128k vocab "
                "(goal: time and peak <= 1.0 of native); bucketed compile: recompiles (goal <= buckets) and step time")
 
@@ -361,7 +363,7 @@ def run_compile(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    console = Console()
+    console = make_console()
     result: dict[str, Any] = {"quick": bool(args.quick), "torch": torch.__version__,
                               "threads": torch.get_num_threads()}
     if not args.skip_ce:

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from rich.console import Console
 from rich.table import Table
 
 from thruput.benchmarks._loader_workload import (
@@ -47,6 +46,7 @@ from thruput.benchmarks._loader_workload import (
     seconds_per_token,
     write_corpus,
 )
+from thruput.console import make_console
 
 DESCRIPTION = ("useful tokens/s, stall, padding, memory: thruput vs a packed DataLoader (goal >= 1.0x), "
                "pad-to-longest DataLoader (goal >= 1.5x) and torchdata")
@@ -197,7 +197,7 @@ def _print(results: dict[str, dict[str, Any]], speedup: float, speedup_packed: f
         table.add_row(peer, f"{r['useful_tokens_per_s']:,.0f}", f"{r['stall_fraction']:.3f}",
                       f"{r['padding_ratio']:.3f}", f"{r['peak_memory_bytes'] / 2**20:,.0f}",
                       str(r["batches"]), f"{r['startup_s']:.1f}")
-    console = Console()
+    console = make_console()
     console.print(table)
     costs = ", ".join(f"{n} {v['preprocess_cpu_s_per_token'] * 1e6:.2f}" for n, v in workload["sources"].items())
     console.print(f"preprocessing CPU us/token: {costs}")

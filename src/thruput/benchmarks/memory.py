@@ -31,9 +31,9 @@ import time
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
+from thruput.console import make_console
 from thruput.data.sources import Source
 
 DESCRIPTION = "PSS of all data-loading processes, R ranks x S sources: thruput on Ray vs torch DataLoader (goal >= 3.6)"
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
             f"{ratio:.2f}x",
         )
     result["checkpoint"] = _checkpoint_figures(8)
-    console = Console(width=max(Console().width, 130))  # the table needs the columns
+    console = make_console(min_width=130)  # the table needs the columns
     console.print(table)
     ck = result["checkpoint"]
     console.print(

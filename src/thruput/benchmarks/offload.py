@@ -183,9 +183,9 @@ def largest_models(device_memory: int, batch: int, seq_len: int) -> dict[str, di
 
 
 def run(args: argparse.Namespace) -> dict:
-    from rich.console import Console
     from rich.table import Table
 
+    from thruput.console import make_console
     from thruput.memory import parse_bytes
     from thruput.memory.plan import format_bytes
 
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict:
         table.add_row(*row)
     device_memory = parse_bytes(args.device_memory)
     largest = largest_models(device_memory, shape["batch"], shape["seq_len"])
-    console = Console(width=max(Console().width, 140))  # the table needs the columns
+    console = make_console(min_width=140)  # the table needs the columns
     console.print(table)
     console.print("opt. host: OffloadAdamW.host_bytes() (torch AdamW: its states, 'st'); planned: "
                   "thruput.memory.plan's offload host prediction")

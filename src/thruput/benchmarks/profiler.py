@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
 from thruput.benchmarks import _profiler_workload as workload
+from thruput.console import make_console
 from thruput.profile import ClockSampler, StepProfiler
 from thruput.run import ExitInfo, Recorder, RunOptions, Session, TorchHooks
 
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     threads = 1 if args.quick else args.threads
     if threads:
         torch.set_num_threads(threads)
-    console = Console()
+    console = make_console()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         times, document = _in_process(rounds, per_round, tmp)

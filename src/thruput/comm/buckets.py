@@ -9,6 +9,8 @@ from typing import Callable, Iterable, Iterator, Literal
 import torch
 import torch.distributed as dist
 
+from thruput.profile.collectives import collective
+
 Op = Literal["all_reduce", "reduce_scatter"]
 
 
@@ -247,7 +249,8 @@ class GradientBuckets:
         exposed = 0.0
         for bucket, work, out in self._pending:
             t0 = time.perf_counter()
-            work.wait()
+            with collective():  # the per-rank record of the wait (thruput.profile.collectives)
+                work.wait()
             if out.is_cuda:
                 torch.cuda.current_stream(out.device).synchronize()
             exposed += time.perf_counter() - t0

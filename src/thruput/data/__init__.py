@@ -33,17 +33,15 @@ def __getattr__(name: str) -> object:
     return getattr(importlib.import_module(module), name)
 
 
+# What users call. Internals (backends, chunks, the balancing and packing functions, the
+# document tokenizer) stay importable from their modules: thruput.data.backend, .stream, .balance, .tokenize.
 __all__ = [
-    "Backend",
     "ByteTokenizer",
-    "Chunk",
     "CostModel",
     "DataError",
     "DeltaCheckpointer",
-    "DocumentTokenizer",
     "FieldError",
     "HFTokenizer",
-    "InlineBackend",
     "JsonlSource",
     "Loader",
     "MalformedRecord",
@@ -53,12 +51,10 @@ __all__ = [
     "Source",
     "TextFilesSource",
     "Tokenizer",
-    "assign_pieces",
     "calibrate",
     "constant",
     "cosine",
     "linear",
-    "lpt_equal_count",
     "piecewise",
     "stdlib_corpus",
 ]

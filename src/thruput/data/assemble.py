@@ -19,8 +19,7 @@ from thruput.data.errors import DataError
 from thruput.data.pack import Segment, one_per_row, pack_best_fit, pack_in_order
 from thruput.data.plan import Plan
 from thruput.data.stream import Chunk
-
-IGNORE_INDEX = -100
+from thruput.labels import IGNORE_INDEX
 
 
 @dataclass

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from thruput.kernels import linear_cross_entropy
-
-IGNORE_INDEX = -100
+from thruput.labels import IGNORE_INDEX
 
 
 def shifted_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> torch.Tensor | None:

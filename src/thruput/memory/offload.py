@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from thruput.memory.adam import STATE_DTYPES, adamw_step, kernel_available
-from thruput.memory.offload_buckets import (Segment, allocate, allocated_bytes, build_segments, check_host_memory,
+from thruput.memory.offload_buckets import (HostSegment, allocate, allocated_bytes, build_segments, check_host_memory,
                                             check_params, copy_to_params, grad_sq_sum)
 from thruput.memory.offload_scale import LossScale
 from thruput.memory.offload_state import export_state, import_state
 from thruput.memory.offload_stream import GradientStream
 
-__all__ = ["OffloadAdamW", "Segment"]  # Segment: for ZeRO-2 (shard.py)
+__all__ = ["HostSegment", "OffloadAdamW"]  # HostSegment: for ZeRO-2 (shard.py)
 
 
 def _available_host_bytes() -> int:
@@ -104,14 +104,14 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # --- construction ----------------------------------------------------------------------
 
-    def _build_segments(self) -> list[Segment]:
+    def _build_segments(self) -> list[HostSegment]:
         """The host buckets (ZeRO-2 overrides: this rank's shards of the comm buckets)."""
         return build_segments(self.param_groups, self.bucket_bytes)
 
     def _needs_grad_stage(self) -> bool:
         return self._cuda or self.delayed_update_after is not None
 
-    def _allocate(self, seg: Segment) -> None:
+    def _allocate(self, seg: HostSegment) -> None:
         allocate(seg, self.state_dtype, pin=self._cuda, grad_stage=self._needs_grad_stage())
 
     @property
@@ -280,7 +280,7 @@ class OffloadAdamW(torch.optim.Optimizer):
             scale /= self._clip_coef
         return scale
 
-    def _update(self, seg: Segment, grad_scale: float, groups: list[dict[str, Any]] | None = None) -> None:
+    def _update(self, seg: HostSegment, grad_scale: float, groups: list[dict[str, Any]] | None = None) -> None:
         group = (self.param_groups if groups is None else groups)[seg.group]
         seg.wait_copy_out()
         beta1, beta2 = group["betas"]
@@ -323,7 +323,7 @@ class OffloadAdamW(torch.optim.Optimizer):
 
     # --- parameters: host -> device --------------------------------------------------------
 
-    def _copy_segment(self, seg: Segment) -> None:
+    def _copy_segment(self, seg: HostSegment) -> None:
         """Issue ``seg``'s parameter copies (ZeRO-2 overrides: all-gathers in ``_finish_copies``)."""
         copy_to_params(seg, self.device, self._side)
 

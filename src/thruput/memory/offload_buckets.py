@@ -24,7 +24,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(eq=False)
-class Segment:
+class HostSegment:
     """One flat run of host buffers. ``pieces[i] = (param, p_start, p_end, seg_start)``: elements
     ``[p_start, p_end)`` of ``param.view(-1)`` live at ``seg_start`` onwards. ``index_offset``:
     the global index of element 0, by which stochastic rounding draws (a ZeRO-2 shard's offset).
@@ -97,10 +97,10 @@ def check_params(trainable: list[Tensor]) -> torch.device:
     return trainable[0].device
 
 
-def build_segments(param_groups: list[dict[str, Any]], bucket_bytes: int) -> list[Segment]:
+def build_segments(param_groups: list[dict[str, Any]], bucket_bytes: int) -> list[HostSegment]:
     """Buckets per (param group, dtype) of about ``bucket_bytes`` (in the training dtype) each,
     last-registered parameter first (backward order). Frozen parameters get none."""
-    segments: list[Segment] = []
+    segments: list[HostSegment] = []
     for gi, group in enumerate(param_groups):
         params = {id(p): p for p in group["params"] if p.requires_grad}.values()
         for run in group_in_backward_order(params, bucket_bytes):
@@ -108,11 +108,11 @@ def build_segments(param_groups: list[dict[str, Any]], bucket_bytes: int) -> lis
             for p in run:
                 pieces.append((p, 0, p.numel(), off))
                 off += p.numel()
-            segments.append(Segment(gi, run[0].dtype, pieces, off))
+            segments.append(HostSegment(gi, run[0].dtype, pieces, off))
     return segments
 
 
-def segment_bytes(seg: Segment, state_dtype: str, grad_stage: bool) -> int:
+def segment_bytes(seg: HostSegment, state_dtype: str, grad_stage: bool) -> int:
     """Host bytes :func:`allocate` will create for ``seg``: master and accumulator (8 B/param),
     states, and the staging buffers in the training dtype."""
     item = torch.empty(0, dtype=seg.dtype).element_size()
@@ -122,7 +122,7 @@ def segment_bytes(seg: Segment, state_dtype: str, grad_stage: bool) -> int:
     return seg.numel * (8 + stages) + states
 
 
-def check_host_memory(segments: list[Segment], state_dtype: str, grad_stage: bool, available: int) -> None:
+def check_host_memory(segments: list[HostSegment], state_dtype: str, grad_stage: bool, available: int) -> None:
     """Raise ``MemoryError`` when allocating ``segments`` needs more than ``available`` bytes."""
     need = sum(segment_bytes(s, state_dtype, grad_stage) for s in segments)
     if need > available:
@@ -132,7 +132,7 @@ def check_host_memory(segments: list[Segment], state_dtype: str, grad_stage: boo
                           "use state_dtype='bf16' or 'int8', ZeRO-2 over more ranks, or a bigger host")
 
 
-def allocate(seg: Segment, state_dtype: str, *, pin: bool, grad_stage: bool) -> None:
+def allocate(seg: HostSegment, state_dtype: str, *, pin: bool, grad_stage: bool) -> None:
     """Create ``seg``'s host buffers; the master starts as a copy of the parameters. ``pin``
     page-locks the buffers that cross the bus: the staging buffers, and the master only when the
     model trains in fp32 (otherwise its training-dtype copy ``param_out`` is what goes back)."""
@@ -151,13 +151,13 @@ def allocate(seg: Segment, state_dtype: str, *, pin: bool, grad_stage: bool) -> 
     seg.steps, seg.skip, seg.fresh, seg.staged = [0] * n, [False] * n, [True] * n, [None] * n
 
 
-def allocated_bytes(seg: Segment) -> int:
+def allocated_bytes(seg: HostSegment) -> int:
     """Bytes of ``seg``'s allocated host buffers (masters, gradients, states, staging)."""
     total = seg.master.nbytes + seg.grad.nbytes + seg.state.nbytes()
     return total + sum(t.nbytes for t in (seg.grad_stage, seg.param_out) if t is not None)
 
 
-def grad_sq_sum(segments: list[Segment]) -> float:
+def grad_sq_sum(segments: list[HostSegment]) -> float:
     """Sum of squares of the fp32 gradient accumulators, computed in fp64."""
     total = 0.0
     for seg in segments:
@@ -166,7 +166,7 @@ def grad_sq_sum(segments: list[Segment]) -> float:
     return total
 
 
-def copy_to_params(seg: Segment, device: torch.device, side: Any) -> None:
+def copy_to_params(seg: HostSegment, device: torch.device, side: Any) -> None:
     """Copy ``seg``'s updated parameters (``param_out``, or the fp32 master) into the model.
 
     Under CUDA (``side`` a stream) the copies are issued on ``side`` after the compute stream's

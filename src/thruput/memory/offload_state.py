@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from thruput.memory.adam import AdamState
-from thruput.memory.offload_buckets import Segment
+from thruput.memory.offload_buckets import HostSegment
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def export_state(param_groups: list[dict[str, Any]], segments: list[Segment],
-                 pieces: dict[int, list[tuple[Segment, int]]],
+def export_state(param_groups: list[dict[str, Any]], segments: list[HostSegment],
+                 pieces: dict[int, list[tuple[HostSegment, int]]],
                  combine: Callable[[Tensor, str], Tensor]) -> tuple[dict[int, dict[str, Tensor]], list[dict]]:
     """(state, param_groups) of a torch.optim.AdamW state dict for these host buckets.
 
@@ -61,7 +61,7 @@ def export_state(param_groups: list[dict[str, Any]], segments: list[Segment],
     return state, groups
 
 
-def import_state(param_groups: list[dict[str, Any]], segments: list[Segment], state_dtype: str,
+def import_state(param_groups: list[dict[str, Any]], segments: list[HostSegment], state_dtype: str,
                  state_dict: dict[str, Any]) -> None:
     """Load a torch.optim.AdamW-format ``state_dict`` into the groups' hyperparameters and the
     segments' masters, moments and per-piece step counts.

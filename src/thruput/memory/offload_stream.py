@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from thruput.memory.offload_buckets import Segment
+from thruput.memory.offload_buckets import HostSegment
 from thruput.memory.offload_grad import HostGrad
 
 
@@ -33,14 +33,14 @@ class GradientStream:
     any gradient changes or is read (the optimizer folds a pending clip coefficient in).
     """
 
-    def __init__(self, segments: list[Segment], device: torch.device, side: Any,
+    def __init__(self, segments: list[HostSegment], device: torch.device, side: Any,
                  before_fold: Callable[[], None], on_change: Callable[[], None]) -> None:
         self.segments = segments
         self.device = device
         self.side = side
         self.before_fold = before_fold
         self.on_change = on_change
-        self.pieces: dict[int, list[tuple[Segment, int]]] = {}  # id(param) -> its (segment, piece)
+        self.pieces: dict[int, list[tuple[HostSegment, int]]] = {}  # id(param) -> its (segment, piece)
         for seg in segments:
             for i, (p, *_rest) in enumerate(seg.pieces):
                 self.pieces.setdefault(id(p), []).append((seg, i))
@@ -123,7 +123,7 @@ class GradientStream:
 
     # --- the accumulators ------------------------------------------------------------------
 
-    def _write(self, seg: Segment, i: int, flat: Tensor) -> None:
+    def _write(self, seg: HostSegment, i: int, flat: Tensor) -> None:
         _, ps, pe, ss = seg.pieces[i]
         src = flat[ps:pe]
         if seg.grad_stage is None:
@@ -148,7 +148,7 @@ class GradientStream:
         seg.staged[i] = event
 
     @staticmethod
-    def _accumulate(seg: Segment, i: int, src: Tensor) -> None:
+    def _accumulate(seg: HostSegment, i: int, src: Tensor) -> None:
         dst = seg.grad[seg.span(i)]
         if seg.fresh[i]:
             dst.copy_(src)
@@ -156,14 +156,14 @@ class GradientStream:
         else:
             dst.add_(src)
 
-    def _fold_piece(self, seg: Segment, i: int) -> None:
+    def _fold_piece(self, seg: HostSegment, i: int) -> None:
         self.before_fold()  # the update reads seg.grad
         if not isinstance(seg.staged[i], bool):
             seg.staged[i].synchronize()
         self._accumulate(seg, i, seg.grad_stage[seg.span(i)])
         seg.staged[i] = None
 
-    def _settle(self, seg: Segment, i: int) -> None:
+    def _settle(self, seg: HostSegment, i: int) -> None:
         if seg.staged[i] is not None:
             self._fold_piece(seg, i)
         elif seg.fresh[i]:

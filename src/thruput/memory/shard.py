@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from thruput.comm import GradientBuckets
 from thruput.memory.adam import BLOCK
-from thruput.memory.offload import OffloadAdamW, Segment
+from thruput.memory.offload import HostSegment, OffloadAdamW
 from thruput.memory.shard_stream import ShardStream
+from thruput.profile.collectives import collective
 
 
 class Zero2OffloadAdamW(OffloadAdamW):
@@ -57,13 +58,13 @@ class Zero2OffloadAdamW(OffloadAdamW):
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         self._nccl = dist.get_backend(process_group) == "nccl"
-        self._bucket_segments: dict[int, list[tuple[Segment, int]]] = {}
+        self._bucket_segments: dict[int, list[tuple[HostSegment, int]]] = {}
         self._queued = False
         super().__init__(params, *args, **kwargs)
 
     # --- layout ----------------------------------------------------------------------------
 
-    def _build_segments(self) -> list[Segment]:
+    def _build_segments(self) -> list[HostSegment]:
         """This rank's shard of each comm bucket, split where the param group changes."""
         group_of: dict[int, int] = {}
         trainable: list[nn.Parameter] = []
@@ -77,7 +78,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
         self._first_hooks = [p.register_post_accumulate_grad_hook(self._before_reduce) for p in trainable]
         self.comm = GradientBuckets(trainable, bucket_mb=self.bucket_bytes / 2**20, op="reduce_scatter",
                                     on_shard=self._on_shard, group=self.process_group, shard_align=align)
-        segments: list[Segment] = []
+        segments: list[HostSegment] = []
         bucket_base = 0  # global index of the bucket's first element: the same on any world size
         for bucket in self.comm.buckets:
             runs: list[tuple[int, list[tuple[nn.Parameter, int, int, int]]]] = []
@@ -89,7 +90,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
             for gi, pieces in runs:
                 start = pieces[0][3]
                 local = [(p, ps, pe, at - start) for p, ps, pe, at in pieces]
-                seg = Segment(gi, bucket.dtype, local, pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - start,
+                seg = HostSegment(gi, bucket.dtype, local, pieces[-1][3] + pieces[-1][2] - pieces[-1][1] - start,
                               index_offset=bucket_base + self.rank * bucket.shard_numel + start)
                 segments.append(seg)
                 self._bucket_segments.setdefault(bucket.index, []).append((seg, start))
@@ -171,7 +172,8 @@ class Zero2OffloadAdamW(OffloadAdamW):
     def _all_reduce(self, t: Tensor, op: dist.ReduceOp) -> Tensor:
         # NCCL reduces GPU tensors only: the parameters' GPU, not whichever device is current.
         work = t.to(self.device if self._cuda else "cuda") if self._nccl else t
-        dist.all_reduce(work, op=op, group=self.process_group)
+        with collective():  # the per-rank record of the wait (thruput.profile.collectives)
+            dist.all_reduce(work, op=op, group=self.process_group)
         return work.to(t.device)
 
     def _reduce_sum(self, value: float) -> float:
@@ -188,7 +190,7 @@ class Zero2OffloadAdamW(OffloadAdamW):
         # still to do (copy_back(), flush() or the next step run it).
         self._copy_pending = not copy_back
 
-    def _copy_segment(self, seg: Segment) -> None:
+    def _copy_segment(self, seg: HostSegment) -> None:
         """Nothing per segment: parameters come back by bucket in ``_finish_copies``."""
 
     def _finish_copies(self) -> None:
@@ -198,12 +200,13 @@ class Zero2OffloadAdamW(OffloadAdamW):
                 src = seg.master if seg.param_out is None else seg.param_out
                 local[start:start + seg.numel].copy_(src, non_blocking=self._cuda)
             full = torch.empty(bucket.padded_numel, dtype=bucket.dtype, device=bucket.device)
-            try:
-                dist.all_gather_single(full, local, group=self.process_group)
-            except (RuntimeError, NotImplementedError):  # backends without the flat variant
-                if self._nccl:  # NCCL has it: this is a communicator failure, not a missing op
-                    raise
-                dist.all_gather(list(full.chunk(self.world_size)), local, group=self.process_group)
+            with collective():
+                try:
+                    dist.all_gather_single(full, local, group=self.process_group)
+                except (RuntimeError, NotImplementedError):  # backends without the flat variant
+                    if self._nccl:  # NCCL has it: this is a communicator failure, not a missing op
+                        raise
+                    dist.all_gather(list(full.chunk(self.world_size)), local, group=self.process_group)
             with torch.no_grad():
                 for p, off in zip(bucket.params, bucket.offsets):
                     p.data.view(-1).copy_(full[off:off + p.numel()])

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from thruput.memory.offload_buckets import Segment
+from thruput.memory.offload_buckets import HostSegment
 from thruput.memory.offload_grad import GradUnavailable, HostGrad
 from thruput.memory.offload_stream import GradientStream
 
@@ -50,7 +50,7 @@ class ShardStream(GradientStream):
     taken out of ``p.grad`` while the buckets flatten (they would read them).
     """
 
-    def __init__(self, segments: list[Segment], *args: Any) -> None:
+    def __init__(self, segments: list[HostSegment], *args: Any) -> None:
         super().__init__(segments, *args)
         self.pending: dict[int, Tensor] = {}
         self._on_top: dict[int, weakref.ref[Tensor]] = {}
@@ -111,7 +111,7 @@ class ShardStream(GradientStream):
                 self._parked[id(p)] = (p, p.grad)
                 p.grad = None
 
-    def mark_unseen_fresh(self, seg: Segment) -> None:
+    def mark_unseen_fresh(self, seg: HostSegment) -> None:
         """Pieces of parameters no hook saw and that held no handle had no gradient: the
         reduced zeros overwrite their host value."""
         for i, (p, *_rest) in enumerate(seg.pieces):

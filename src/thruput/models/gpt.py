@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from thruput.models.gpt_config import GPTConfig
-from thruput.models.segments import Segments, segment_attention
+from thruput.models.segments import Segments, document_mask, document_starts, segment_attention
 
 __all__ = ["GPT", "GPTConfig"]
 
@@ -54,15 +54,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments | torch.Tensor | None
     ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if segments is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        elif isinstance(segments, Segments):
             y = segment_attention(q, k, v, segments)
+        else:  # a dense [B, 1, T, T] document mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=segments)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -86,7 +88,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments | torch.Tensor | None
     ) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, segments)
         return x + self.mlp(self.mlp_norm(x))
@@ -132,8 +134,10 @@ class GPT(nn.Module):
             if ids is not None and ids.shape != input_ids.shape:
                 raise ValueError(f"{name} shape {tuple(ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         positions = torch.arange(t, device=input_ids.device).expand(b, t) if position_ids is None else position_ids
-        segments = None
-        if position_ids is not None or segment_ids is not None:
+        segments: Segments | torch.Tensor | None = None
+        if self.cfg.attention == "dense_mask" and (position_ids is not None or segment_ids is not None):
+            segments = document_mask(document_starts(position_ids, segment_ids))
+        elif position_ids is not None or segment_ids is not None:
             segments = Segments.from_ids(position_ids, segment_ids)
         cos, sin = rotary(positions, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_base)
         x = self.embed(input_ids)

@@ -13,6 +13,11 @@ class GPTConfig:
     """Shape of the model. ``max_seq_len`` bounds the rows it is trained on (not rotary positions);
     in a run config it defaults to ``data.seq_len``. ``kind`` names the model kind in a run config.
 
+    ``attention`` on packed rows: ``"segments"`` confines it to each document at a cost that follows
+    the documents (``segment_attention``); ``"dense_mask"`` runs SDPA with the dense block-diagonal
+    causal mask (``document_mask``), the same result at the cost of every row's T^2 scores: what
+    a padding-free peer gets from transformers on CPU, kept for ``bench e2e``'s packed peer.
+
     Raises ``ValueError`` (its message starts with the field's name) for a non-positive size or
     a head dimension that is odd or does not divide ``d_model``."""
 
@@ -24,9 +29,12 @@ class GPTConfig:
     mlp_ratio: float = 4.0
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    attention: Literal["segments", "dense_mask"] = "segments"
     kind: Literal["gpt"] = "gpt"
 
     def __post_init__(self) -> None:
+        if self.attention not in ("segments", "dense_mask"):
+            raise ValueError(f"attention must be 'segments' or 'dense_mask', got {self.attention!r}")
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")

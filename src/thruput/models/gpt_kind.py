@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from thruput.atomic import write_atomic
+from thruput.labels import IGNORE_INDEX
 from thruput.models.gpt import GPT
 from thruput.models.gpt_config import GPTConfig
-
-IGNORE_INDEX = -100
 
 
 class GPTModel:

@@ -6,8 +6,10 @@ The JSON run document is the one format every other report is rendered from
     {
       "schema": "thruput.run/1",
       "name": str,                      # run name (user data: escaped wherever rendered)
+      "origin_unix_s": float|null,      # wall-clock time (time.time()) of the first step's start
       "meta": {str: any},               # device, model, config, thruput version, ...;
-                                        # "levers": [str], names of verdict.LEVERS that are on
+                                        # "levers": [str], names of verdict.LEVERS that are on;
+                                        # "rank", "world_size" under torch.distributed
       "phases": [str],                  # phase names in display order
       "steps": [{                       # one per profiled step, warm-up included
           "step": int, "start_s": float,  # start relative to the first step, seconds
@@ -16,6 +18,8 @@ The JSON run document is the one format every other report is rendered from
           "counters": {str: float},     # set during the step; "compiles" (cumulative, from
                                         # thruput.kernels.compile) marks the steps that compiled
           "scalars": {str: float},      # read after the step: "loss", "lr" (thruput train)
+          "compute_before_comm": float|null,  # profile.collectives: own work before the last
+          "comm_wait": float|null,            # collective, and time inside collectives
           "clock": {source: {"samples": int, "mean_<metric>": float, "throttled_share": float,
                              "reasons": [str]}}
       }],
@@ -38,14 +42,17 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from thruput.console import make_console
 from thruput.errors import InputError
 from thruput.profile.steps import PHASES, StepProfiler
 from thruput.profile.verdict import verdict
@@ -68,9 +75,13 @@ def run_document(profiler: StepProfiler, name: str = "run", meta: dict[str, Any]
         for series in clocks["series"].values():
             series["t"] = [t - origin for t in series["t"]]
     meta = {**profiler.meta, **(meta or {})}
+    if meta.get("rank") is None and dist.is_available() and dist.is_initialized():
+        meta["rank"], meta["world_size"] = dist.get_rank(), dist.get_world_size()
     return {
         "schema": SCHEMA,
         "name": name,
+        # Wall-clock time of the first step's start: how ``thruput report DIR/`` lines up ranks.
+        "origin_unix_s": time.time() - (time.perf_counter() - origin) if profiler.records else None,
         "meta": meta,
         "phases": list(PHASES),
         "steps": steps,
@@ -123,7 +134,7 @@ def _fmt_bytes(n: float | None) -> str:
 
 def render_terminal(document: dict[str, Any], console: Console | None = None) -> None:
     """Print the run's phase table, headline numbers, clocks and verdict."""
-    console = console or Console()
+    console = console or make_console()
     s = document["summary"]
     if not s.get("steps"):
         console.print(f"{document['name']}: no measured steps", markup=False)

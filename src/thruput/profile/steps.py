@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from thruput.profile import collectives as _collectives
 from thruput.profile.clocks import ClockSampler
 from thruput.profile.memory import memory_capacity, peak_rss_bytes, reset_peak_rss, rss_bytes
 
@@ -51,6 +52,9 @@ class StepRecord:
     clock: dict[str, dict] = field(default_factory=dict)
     host_end: float = 0.0
     scalars: dict[str, float] = field(default_factory=dict)  # values known after the step: loss, lr
+    # Distributed steps (profile.collectives): own work before the last collective, time inside them.
+    compute_before_comm: float | None = None
+    comm_wait: float | None = None
 
 
 class _Phase:
@@ -87,7 +91,8 @@ class _Step:
     """Context manager for one step; collects phase times until the step is resolved."""
 
     __slots__ = ("prof", "index", "tokens", "samples", "useful_tokens", "flops", "phases",
-                 "events", "counters", "scalars", "t0", "t1", "start_event", "end_event", "memory_bytes")
+                 "events", "counters", "scalars", "t0", "t1", "start_event", "end_event", "memory_bytes",
+                 "collectives")
 
     def __init__(self, prof: "StepProfiler", index: int, tokens: int, samples: int,
                  useful_tokens: int | None, flops: float | None) -> None:
@@ -100,6 +105,7 @@ class _Step:
         self.counters: dict[str, float] = {}
         self.scalars: dict[str, float] = {}
         self.start_event = self.end_event = None
+        self.collectives: _collectives.StepCollectives | None = None
 
     def __enter__(self) -> "_Step":
         self.prof._open = self
@@ -107,12 +113,17 @@ class _Step:
             self.start_event = torch.cuda.Event(enable_timing=True)
             self.start_event.record()
         self.t0 = time.perf_counter()
+        if self.prof.collectives:
+            self.collectives = _collectives.StepCollectives(self.t0, self.phases, self.prof._cuda)
+            _collectives.open_step(self.collectives)
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.t1 = time.perf_counter()
         prof = self.prof
         prof._open = None
+        if self.collectives is not None:
+            _collectives.open_step(None)
         if exc_type is not None:
             return
         if prof._cuda:
@@ -138,6 +149,8 @@ class StepProfiler:
         clocks: a ClockSampler; the profiler starts and stops it.
         warmup_steps: steps left out of the summary (compilation, allocator warm-up).
         enabled: when False every call is a cheap no-op (for A/B overhead measurement).
+        collectives: record each step's ``compute_before_comm`` and ``comm_wait`` from the
+            collectives wrapped in ``thruput.profile.collectives.collective()`` (see there).
     """
 
     def __init__(
@@ -149,6 +162,7 @@ class StepProfiler:
         clocks: ClockSampler | None = None,
         warmup_steps: int = 1,
         enabled: bool = True,
+        collectives: bool = True,
     ) -> None:
         self.device = torch.device(device)
         self._cuda = enabled and self.device.type == "cuda"
@@ -157,6 +171,7 @@ class StepProfiler:
         self.clocks = clocks
         self.warmup_steps = warmup_steps
         self.enabled = enabled
+        self.collectives = enabled and collectives
         self.records: list[StepRecord] = []
         self.meta: dict[str, Any] = {}
         self._pending: list[_Step] = []
@@ -247,6 +262,8 @@ class StepProfiler:
                 time_s = pending.t1 - pending.t0
                 phases = dict(pending.phases)
             self._pending.pop(0)
+            before, wait = (pending.collectives.resolve(pending.start_event) if pending.collectives is not None
+                            else (None, None))
             phases["other"] = max(0.0, time_s - sum(phases.values()))
             clock = self.clocks.window(pending.t0, pending.t1) if self.clocks is not None else {}
             flops = pending.flops
@@ -257,7 +274,7 @@ class StepProfiler:
                 phases={p: phases.get(p, 0.0) for p in PHASES}, tokens=pending.tokens,
                 samples=pending.samples, useful_tokens=pending.useful_tokens, flops=flops,
                 memory_bytes=pending.memory_bytes, counters=pending.counters, clock=clock,
-                host_end=pending.t1, scalars=pending.scalars,
+                host_end=pending.t1, scalars=pending.scalars, compute_before_comm=before, comm_wait=wait,
             ))
 
     def finish(self) -> None:
@@ -333,6 +350,13 @@ class StepProfiler:
                            "process_rss" if self._rss_window else "process_rss_lifetime",
             "memory_capacity_bytes": memory_capacity(self.device if self._cuda else None),
         }
+        waits = [r.comm_wait for r in records if r.comm_wait is not None]
+        if waits:
+            out["collectives"] = {
+                "steps": len(waits),
+                "compute_before_comm_median_s": statistics.median(
+                    r.compute_before_comm for r in records if r.compute_before_comm is not None),
+                "comm_wait_median_s": statistics.median(waits)}
         if self.clocks is not None:
             out["clocks"] = clock_summary(records, self.clocks)
         return out

@@ -42,7 +42,7 @@ class Chart:
     axis labels. Add marks with the methods, then ``svg()``."""
 
     def __init__(self, title: str, xlabel: str, ylabel: str, x_range: tuple[float, float],
-                 y_range: tuple[float, float], *, x_integer: bool = False) -> None:
+                 y_range: tuple[float, float], *, x_integer: bool = False, y_integer: bool = False) -> None:
         self.x_lo, self.x_hi = x_range if x_range[1] > x_range[0] else (x_range[0] - 0.5, x_range[0] + 0.5)
         self.y_lo, self.y_hi = y_range if y_range[1] > y_range[0] else (y_range[0], y_range[0] + 1.0)
         self.marks: list[str] = []
@@ -50,7 +50,7 @@ class Chart:
                       f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 6}" text-anchor="middle">{escape(xlabel)}</text>',
                       f'<text x="14" y="{(TOP + H - BOTTOM) / 2}" transform="rotate(-90 14 {(TOP + H - BOTTOM) / 2})" '
                       f'text-anchor="middle">{escape(ylabel)}</text>']
-        y_ticks, y_step = nice_ticks(self.y_lo, self.y_hi)
+        y_ticks, y_step = nice_ticks(self.y_lo, self.y_hi, integer=y_integer)
         for v in y_ticks:
             y = self.y(v)
             self.frame.append(f'<line x1="{LEFT}" y1="{y:.1f}" x2="{W - RIGHT}" y2="{y:.1f}" class="grid"/>'

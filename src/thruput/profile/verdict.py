@@ -44,6 +44,10 @@ LEVERS = {
     "fused_cross_entropy": "thruput.kernels.linear_cross_entropy (kernels.fused_cross_entropy): no full logits",
     "activation_checkpointing": "activation checkpointing: keep each layer's input, recompute the rest",
     "cooling": "cooling, power limits or clock settings (nvidia-smi -q -d PERFORMANCE); the dropped steps are listed",
+    "balance": "thruput.data.Loader(plan, rank=, world_size=): rows assigned to ranks by attention cost "
+               "(thruput.data.balance; calibrate its cost model on this hardware)",
+    "slow_device": "inspect or replace the slow rank's device or host (same work at the same clock, computed "
+                   "slower: nvidia-smi -q, dcgmi diag, its CPU load)",
 }
 
 

@@ -13,7 +13,10 @@ forward        the outermost module call: a global forward pre-hook
 backward       ``torch.autograd.backward``, which ``Tensor.backward`` calls
 optimizer      global optimizer step pre/post hooks; the clock optimizer's step ends the step
 comm           the collectives of ``torch.distributed`` the script calls (the call, so an
-               ``async_op=True`` collective counts its launch, not its wait)
+               ``async_op=True`` collective counts its launch, not its wait); each blocking
+               call also feeds the per-rank record (``thruput.profile.collectives``:
+               ``compute_before_comm``, ``comm_wait``). DDP's reducer runs its all-reduces
+               in C++, out of sight: a DDP script's waits stay inside ``backward``
 h2d            ``Tensor.to`` / ``Tensor.cuda`` from the CPU to a CUDA device (only when CUDA
                is available: otherwise ``Tensor.to`` is left alone)
 =============  ==============================================================================
@@ -35,6 +38,7 @@ import torch.nn.modules.module as nn_module
 import torch.optim.optimizer as optim_module
 from torch.utils.data import dataloader as torch_dataloader
 
+from thruput.profile.collectives import collective
 from thruput.run.recorder import Recorder
 
 COLLECTIVES = (
@@ -110,13 +114,18 @@ class TorchHooks:
             if get_ident() == main:
                 rec.optimizer_ends(optimizer)
 
-        def timed(phase: str, original: Callable, counts_batch: bool = False) -> Callable:
+        def timed(phase: str, original: Callable, counts_batch: bool = False,
+                  records_wait: bool = False) -> Callable:
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 if compiling() or get_ident() != main:
                     return original(*args, **kwargs)
                 rec.enter(phase)
                 try:
-                    result = original(*args, **kwargs)
+                    if records_wait and not kwargs.get("async_op"):
+                        with collective():
+                            result = original(*args, **kwargs)
+                    else:
+                        result = original(*args, **kwargs)
                 finally:
                     rec.exit()
                 if counts_batch:
@@ -146,7 +155,7 @@ class TorchHooks:
                 original = getattr(c10d, name, None)
                 if original is None:
                     continue
-                wrapper = timed("comm", original)
+                wrapper = timed("comm", original, records_wait=True)
                 self._patch(c10d, name, wrapper)
                 if getattr(torch.distributed, name, None) is original:
                     self._patch(torch.distributed, name, wrapper)

@@ -1,4 +1,4 @@
-"""The baseline a competent PyTorch user writes, for side-by-side comparisons.
+"""The naive peer: the baseline a competent PyTorch user writes, for side-by-side comparisons.
 
 torch ``DataLoader`` with worker processes over a map-style dataset of document chunks
 (documents split into pieces of ``seq_len + 1`` tokens, so no text is lost), a
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-IGNORE_INDEX = -100
+from thruput.labels import IGNORE_INDEX
 
 
 class ChunkDataset(Dataset):
@@ -23,18 +23,22 @@ class ChunkDataset(Dataset):
 
     def __init__(self, sources: Sequence[Any], tokenizer: Any, seq_len: int) -> None:
         self.sources, self.tokenizer, self.seq_len = list(sources), tokenizer, seq_len
+        self.names = [s.name for s in self.sources]
         chunks: list[tuple[int, int, int]] = []  # (source, record, start token)
         lengths: list[int] = []
+        self.document_lengths: list[np.ndarray] = []  # tokens per record, per source
         for s, source in enumerate(self.sources):
-            for r in range(len(source)):
-                n = len(self._tokens(s, r))
+            counts = [len(self.tokens(s, r)) for r in range(len(source))]
+            self.document_lengths.append(np.asarray(counts, dtype=np.int64))
+            for r, n in enumerate(counts):
                 for start in range(0, max(n - 1, 0), seq_len):
                     chunks.append((s, r, start))
                     lengths.append(min(seq_len, n - 1 - start))
         self.chunks = np.asarray(chunks, dtype=np.int64).reshape(-1, 3)
         self.lengths = np.asarray(lengths, dtype=np.int64)  # labelled tokens per chunk
 
-    def _tokens(self, s: int, r: int) -> np.ndarray:
+    def tokens(self, s: int, r: int) -> np.ndarray:
+        """The tokens of record ``r`` of source ``s`` (none for a skipped record)."""
         text = self.sources[s].text(r)
         if text is None:
             return np.zeros(0, dtype=np.int32)
@@ -45,7 +49,7 @@ class ChunkDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         s, r, start = (int(v) for v in self.chunks[i])
-        return s, self._tokens(s, r)[start:start + self.seq_len + 1]
+        return s, self.tokens(s, r)[start:start + self.seq_len + 1]
 
     def sample_weights(self) -> torch.Tensor:
         """Per-chunk sampling weights so each source is drawn in proportion to its weight."""
@@ -108,5 +112,5 @@ def loader_for(dataset: ChunkDataset, *, batch_size: int, steps: int, seed: int 
     sampler = WeightedRandomSampler(dataset.sample_weights(), steps * batch_size, replacement=True,
                                     generator=generator)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=PadCollate([s.name for s in dataset.sources]), persistent_workers=workers > 0,
+                      collate_fn=PadCollate(dataset.names), persistent_workers=workers > 0,
                       prefetch_factor=4 if workers > 0 else None)

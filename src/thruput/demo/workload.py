@@ -1,8 +1,12 @@
-"""``thruput demo``: the same small GPT trained twice on the same useful tokens, side by side.
+"""The demo workload: the same small GPT trained on the same labelled tokens, by any set of levers.
 
 * **baseline**: what a competent PyTorch user writes: torch ``DataLoader`` with a worker, a
   ``WeightedRandomSampler`` mixing the sources by sample share, pad-to-longest, torch AdamW,
-  the naive loss, no compile (``thruput.baseline``).
+  the naive loss, no compile (``thruput.demo.padded_peer``).
+* **packed peer** (``bench e2e`` only): the strongest peer, padding-free packed rows with position
+  ids per document (transformers' ``DataCollatorWithFlattening``), as many rows and tokens per
+  source as thruput's plan, the model attending through a dense document mask
+  (``thruput.demo.packed_peer``); torch AdamW, the naive loss, no compile.
 * **thruput**: the data plane (packing, balancing, per-source workers), OffloadAdamW, the fused
   cross-entropy and shape-bucketed compile, each switchable (``LEVERS``).
 
@@ -10,11 +14,12 @@ The corpus is made on the fly from the Python standard library: modules cut at l
 sections of one row (``seq_len`` + 1 bytes; the baseline would cut them into such chunks anyway,
 and a short run then draws code from many modules rather than reading a few end to end), one
 function or class per document (hundreds of bytes) and one docstring per document (tens to
-hundreds of bytes). With byte tokens, ``seq_len`` 1024 is a 1 KiB context. Both runs see the same token mixture: the thruput plan weights sources by the
-baseline sampler's expected token shares. The thruput batch holds as many rows as the baseline's
-mean labelled tokens per step fill, and it runs as many steps as it takes to train on the same
-number of labelled tokens, so the loss curves are comparable token for token. Both models are
-scored on the same held-out documents (modules that neither run trains on).
+hundreds of bytes). With byte tokens, ``seq_len`` 1024 is a 1 KiB context. All runs see the same
+token mixture: the thruput plan (and the packed peer) weight sources by the baseline sampler's
+expected token shares. The thruput batch holds as many rows as the baseline's mean labelled
+tokens per step fill, and it runs as many steps as it takes to train on the same number of
+labelled tokens, so the loss curves are comparable token for token. Every model is scored on
+the same held-out documents (modules that no run trains on).
 """
 from __future__ import annotations
 
@@ -24,12 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
 from thruput.config import RunConfig, from_dict
 
 LEVERS = ("data_plane", "offload", "fused_ce", "compile")
+PEERS = ("baseline", "packed_peer")  # where a variant without the data plane gets its rows
 SOURCES = ("code", "functions", "docstrings")
 
 
@@ -76,12 +79,14 @@ class RunOutcome:
 def _sources(setup: DemoSetup, token_shares: dict[str, float] | None) -> list[dict[str, Any]]:
     kinds = {"code": "stdlib_sections", "functions": "stdlib_functions", "docstrings": "stdlib_docstrings"}
     shares = token_shares or setup.sample_mix
-    return [{"name": n, "kind": kinds[n], "weight": shares[n], "max_files": setup.train_files} for n in SOURCES]
+    return [{"name": n, "kind": kinds[n], "weight": shares[n], "options": {"max_files": setup.train_files}}
+            for n in SOURCES]
 
 
 def variant_config(setup: DemoSetup, levers: tuple[str, ...], *, name: str, rows: int, steps: int,
-                   token_shares: dict[str, float] | None, out_dir: Path) -> RunConfig:
-    """The run configuration of one variant (``levers`` switched on)."""
+                   token_shares: dict[str, float] | None, out_dir: Path, attention: str = "segments") -> RunConfig:
+    """The run configuration of one variant (``levers`` switched on; ``attention``: the model's
+    on packed rows, ``"dense_mask"`` for the packed peer)."""
     unknown = set(levers) - set(LEVERS)
     if unknown:
         raise ValueError(f"unknown levers {sorted(unknown)}; expected some of {LEVERS}")
@@ -89,8 +94,8 @@ def variant_config(setup: DemoSetup, levers: tuple[str, ...], *, name: str, rows
         "name": name,
         "seed": setup.seed,
         "steps": steps,
-        "model": setup.model,
-        # The baseline's rows come from its own padded loader (``loader_for``): its config says so.
+        "model": {**setup.model, "attention": attention},
+        # A peer's rows come from its own loader (``DemoWorkload.peer_loader``): its config says so.
         "data": {"seq_len": setup.seq_len, "batch_size": rows, "pack": "data_plane" in levers, "workers": 1,
                  "sources": _sources(setup, token_shares if "data_plane" in levers else None)},
         "optimizer": {"kind": "offload_adamw" if "offload" in levers else "adamw", "lr": setup.lr,
@@ -104,9 +109,9 @@ class DemoWorkload:
     """Builds the baseline dataset once and runs any variant of the demo on it."""
 
     def __init__(self, setup: DemoSetup, out_dir: Path) -> None:
-        from thruput.baseline import ChunkDataset, sampled_chunks
         from thruput.data import ByteTokenizer
-        from thruput.train import build_sources
+        from thruput.data_config import build_sources
+        from thruput.demo.padded_peer import ChunkDataset, sampled_chunks
 
         self.setup, self.out_dir = setup, out_dir
         probe = variant_config(setup, (), name="baseline", rows=setup.baseline_rows, steps=setup.steps,
@@ -142,27 +147,42 @@ class DemoWorkload:
                 self._eval = list(loader)
         return self._eval
 
-    def run(self, levers: tuple[str, ...], name: str | None = None, show_progress: bool = True) -> RunOutcome:
-        """Train one variant and score it on the held-out batches."""
-        from thruput.baseline import loader_for
+    def peer_loader(self, peer: str) -> Any:
+        """The rows of a variant without the data plane: ``"baseline"``, the padded peer's
+        ``setup.steps`` steps of ``baseline_rows`` rows; ``"packed_peer"``, ``packed_steps`` steps of
+        ``packed_rows`` padding-free rows mixed by ``token_shares``, as many as thruput's."""
+        s = self.setup
+        if peer == "baseline":
+            from thruput.demo.padded_peer import loader_for
+
+            return loader_for(self.dataset, batch_size=s.baseline_rows, steps=s.steps, seed=s.seed, workers=1)
+        if peer == "packed_peer":
+            from thruput.demo.packed_peer import packed_rows_loader
+
+            return packed_rows_loader(self.dataset, self.dataset.document_lengths,
+                                      [self.token_shares[n] for n in self.dataset.names], rows=self.packed_rows,
+                                      seq_len=s.seq_len, steps=self.packed_steps, seed=s.seed, workers=1)
+        raise ValueError(f"unknown peer {peer!r}; expected one of {PEERS}")
+
+    def run(self, levers: tuple[str, ...], name: str | None = None, show_progress: bool = True,
+            peer: str = "baseline") -> RunOutcome:
+        """Train one variant and score it on the held-out batches. Without the ``data_plane``
+        lever the rows come from ``peer`` (``peer_loader``), the packed peer's model attending
+        through a dense document mask."""
         from thruput.train import evaluate, train
 
-        name = name or ("+".join(levers) if levers else "baseline")
+        name = name or ("+".join(levers) if levers else peer)
         s = self.setup
-        packed = "data_plane" in levers
-        cfg = variant_config(s, levers, name=name, rows=self.packed_rows if packed else s.baseline_rows,
-                             steps=self.packed_steps if packed else s.steps, token_shares=self.token_shares,
-                             out_dir=self.out_dir)
-
-        def baseline_loader(cfg: RunConfig, rank: int, world: int) -> Any:
-            return loader_for(self.dataset, batch_size=s.baseline_rows, steps=s.steps, seed=s.seed, workers=1)
-
-        t0 = time.perf_counter()
+        own_rows = "data_plane" in levers or peer == "packed_peer"
+        cfg = variant_config(s, levers, name=name, rows=self.packed_rows if own_rows else s.baseline_rows,
+                             steps=self.packed_steps if own_rows else s.steps, token_shares=self.token_shares,
+                             out_dir=self.out_dir, attention="dense_mask" if peer == "packed_peer" else "segments")
+        factory = None if "data_plane" in levers else lambda cfg, rank, world: self.peer_loader(peer)
         from thruput.cli import ProgressBar
 
+        t0 = time.perf_counter()
         with ProgressBar(name) as bar:
-            result = train(cfg, loader_factory=None if packed else baseline_loader,
-                           on_step=bar if show_progress else None)
+            result = train(cfg, loader_factory=factory, on_step=bar if show_progress else None)
         wall = time.perf_counter() - t0
         assert result.model is not None and result.document is not None
         return RunOutcome(name, levers, result.document, result.losses, evaluate(result.model, self.eval_batches()),
@@ -206,67 +226,3 @@ def setup_figures(workload: DemoWorkload) -> dict[str, Any]:
             "packed_rows": workload.packed_rows, "packed_steps": workload.packed_steps,
             "labelled_tokens": workload.baseline_tokens, "sample_mix": s.sample_mix,
             "token_shares": workload.token_shares, **s.model}
-
-
-def display_rows(runs: list[RunOutcome]) -> dict[str, dict[str, str]]:
-    """Row label -> run name -> formatted value; the first run is the reference for ratios."""
-    figures = {r.name: outcome_figures(r) for r in runs}
-    reference = figures[runs[0].name]["useful_tokens_per_s"]
-    formats = {
-        "useful tokens/s": lambda f: f"{f['useful_tokens_per_s']:,.0f}",
-        "speedup": lambda f: f"{f['useful_tokens_per_s'] / reference:.2f}x",
-        "step time (median)": lambda f: f"{f['step_time_s'] * 1e3:,.0f} ms",
-        "steps": lambda f: str(f["steps"]),
-        "labelled tokens": lambda f: f"{f['useful_tokens']:,}",
-        "stall (data wait)": lambda f: f"{f['stall_fraction']:.1%}",
-        "padding": lambda f: f"{f['padding_ratio']:.1%}",
-        "peak RSS (trainer)": lambda f: f"{f['peak_memory_bytes'] / 2**20:,.0f} MiB",
-        "final train loss": lambda f: f"{f['final_train_loss']:.3f}",
-        "held-out loss": lambda f: f"{f['eval_loss']:.3f}",
-        "wall time": lambda f: f"{f['wall_s']:.0f} s",
-        "verdict": lambda f: f["verdict"],
-    }
-    return {label: {name: fmt(f) for name, f in figures.items()} for label, fmt in formats.items()}
-
-
-def comparison_table(rows: dict[str, dict[str, str]], title: str) -> Table:
-    """``display_rows`` as a rich table."""
-    names = list(next(iter(rows.values())))
-    table = Table(title=title)
-    table.add_column("")
-    for name in names:
-        table.add_column(name, justify="right")
-    for label, row in rows.items():
-        table.add_row(label, *(row[n] for n in names))
-    return table
-
-
-def run_demo(out_dir: Path = Path("runs/demo"), steps: int | None = None, tiny: bool = False) -> dict[str, Any]:
-    """Train the baseline and thruput variants, print the comparison, write the HTML report."""
-    from thruput.profile import save_comparison_html, save_json
-
-    console = Console()
-    setup = DemoSetup.tiny() if tiny else DemoSetup()
-    if steps is not None:
-        setup.steps = steps
-    console.print("thruput demo: building the corpus from this Python's standard library ...", markup=False)
-    workload = DemoWorkload(setup, out_dir)
-    m = setup.model
-    console.print(f"GPT {m['n_layers']}x{m['d_model']}, seq_len {setup.seq_len}; baseline {setup.steps} steps of "
-                  f"{setup.baseline_rows} padded rows, thruput {workload.packed_steps} steps of "
-                  f"{workload.packed_rows} packed rows; {workload.baseline_tokens:,} labelled tokens each",
-                  markup=False)
-    runs = [workload.run((), "baseline"), workload.run(LEVERS, "thruput")]
-    rows = display_rows(runs)
-    console.print(comparison_table(rows, "thruput demo: same model, same labelled tokens"))
-    result = {**compare(runs[0], runs[1]), "runs": {r.name: outcome_figures(r) for r in runs},
-              "setup": setup_figures(workload)}
-    headline = (f"speedup {result['speedup']:.2f}x in useful tokens/s ({result['wall_speedup']:.2f}x in wall time "
-                f"per labelled token, set-up and compilation included); held-out loss differs by "
-                f"{result['loss_rel_diff']:.1%}")
-    console.print(headline, markup=False)
-    html = save_comparison_html([r.document for r in runs], rows, headline, out_dir / "demo.html")
-    save_json(result, out_dir / "demo.json")
-    console.print(f"HTML report: {html}; figures: {out_dir / 'demo.json'}; per-run reports: "
-                  f"{out_dir}/baseline.json, {out_dir}/thruput.json (`thruput report RUN.json`)", markup=False)
-    return result
