@@ -135,3 +135,38 @@ def test_schedule_weights_sum_checked_at_step_zero() -> None:
                                  **MEMORY}]}}
     with pytest.raises(ConfigError, match=r"weights sum to zero \(at step 0\)"):
         from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"kind": "mamba"}, r"^model.kind: expected one of 'gpt', 'hf', got 'mamba'$"),
+        ({"d_model": 30, "n_heads": 4}, r"^model.d_model \(30\) must be divisible by n_heads \(4\)$"),
+        ({"max_seq_len": 16}, r"^model.max_seq_len: 16 is shorter than data.seq_len \(256\)"),
+        ({"kind": "hf", "d_model": 8}, r"^model.d_model: unknown key \(known: activation_checkpointing, dtype, hf, "),
+        ({"kind": "hf"}, r"^model.hf: give exactly one of model.hf .* and model.hf_config"),
+        ({"kind": "hf", "hf": "x", "hf_config": {"model_type": "llama"}}, r"^model.hf: give exactly one"),
+        ({"kind": "hf", "hf_config": {"hidden_size": 8}}, r"^model.hf_config.model_type: required"),
+        ({"kind": "hf", "hf_config": 3}, r"^model.hf_config: expected a table, got int$"),
+        ({"kind": "hf", "hf": "x", "dtype": "bfloat16"}, r"^model.dtype: 'bfloat16' weights need optimizer.kind"),
+    ],
+)
+def test_model_table_is_read_by_its_kind(model: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_dict({"model": model, "data": {"sources": [{"name": "m", **MEMORY}]}})
+
+
+def test_the_gpt_config_is_the_model_table() -> None:
+    from thruput.models import GPTConfig
+    from thruput.models.hf_config import HFModelConfig
+
+    cfg = from_dict({"data": {"seq_len": 64, "sources": [{"name": "m", **MEMORY}]}, "model": {"d_model": 32, "n_heads": 2}})
+    assert cfg.model == GPTConfig(d_model=32, n_heads=2, max_seq_len=64)  # as long as the rows by default
+    assert from_dict(to_dict(cfg)) == cfg
+    hf = from_dict({"model": {"kind": "hf", "hf_config": {"model_type": "llama", "hidden_size": 32}, "lora": {"r": 4}},
+                    "optimizer": {"kind": "offload_adamw"}, "data": {"sources": [{"name": "m", **MEMORY}]}})
+    assert isinstance(hf.model, HFModelConfig) and hf.model.hf_config["hidden_size"] == 32
+    assert from_dict(to_dict(hf)) == hf
+    with pytest.raises(ConfigError, match=r"^kernels.compile: not supported for model.kind = 'hf'"):
+        from_dict({"model": {"kind": "hf", "hf": "x"}, "kernels": {"compile": True},
+                   "data": {"sources": [{"name": "m", **MEMORY}]}})

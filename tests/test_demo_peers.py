@@ -78,7 +78,7 @@ def test_dense_mask_attention_equals_per_document_attention() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # and it is not plain causal attention over the row, which would mix documents
     assert not torch.allclose(dense(ids), got, atol=1e-3)
-    with pytest.raises(ValueError, match="GPTConfig.attention must be 'segments' or 'dense_mask'"):
+    with pytest.raises(ValueError, match="^attention must be 'segments' or 'dense_mask'"):
         GPTConfig(attention="flash")
 
 

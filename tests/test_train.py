@@ -1,4 +1,5 @@
 """The reference training loop: exact resumption, checkpoints, profiler wiring."""
+import dataclasses
 import math
 import os
 
@@ -205,3 +206,101 @@ def test_fused_loss_fallback_is_in_the_run_document(tmp_path, monkeypatch) -> No
     assert "pip install 'thruput[triton]'" in reason
     plain = train(_cfg(tmp_path / "plain", steps=2, **{"checkpoint.every": 0}))
     assert plain.document["meta"]["kernel_fallbacks"] == {}
+
+
+@dataclasses.dataclass
+class BigramConfig:
+    """The [model] table of a model kind registered by this test: a bigram table."""
+
+    vocab_size: int = 256
+    kind: str = "bigram"
+
+    def check(self, run) -> None:
+        pass
+
+
+class Bigram:
+    """A TrainModel the loop has never heard of."""
+
+    def __init__(self, vocab: int) -> None:
+        self.module = torch.nn.Embedding(vocab, vocab)
+
+    def loss(self, batch):
+        logits = self.module(batch["input_ids"]).flatten(0, 1)
+        return torch.nn.functional.cross_entropy(logits, batch["shift_labels"].flatten(), ignore_index=-100)
+
+    def flops(self, batch):
+        return 0.0
+
+    def num_params(self):
+        return self.module.weight.numel()
+
+    def counters(self):
+        return {}
+
+    def fallbacks(self):
+        return {}
+
+    def save(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(self.module.state_dict(), directory / "bigram.pt")
+
+
+def build(cfg, device):
+    return Bigram(cfg.model.vocab_size)
+
+
+def vocab_size(model_cfg):
+    return "model.vocab_size", model_cfg.vocab_size
+
+
+def transformer_shape(model_cfg):
+    return {"d_model": model_cfg.vocab_size, "n_layers": 0, "vocab_size": model_cfg.vocab_size}  # a head only
+
+
+def tokenizer(model_cfg):
+    return None
+
+
+def test_a_registered_model_kind_trains_resumes_and_exports_through_the_same_loop(tmp_path, monkeypatch) -> None:
+    import sys
+
+    from thruput.models import kinds
+
+    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    kinds.register_model_kind("bigram", BigramConfig, __name__)
+    assert sys.modules[__name__].build is build
+
+    def cfg(path):
+        return _cfg(path, **{"model": {"kind": "bigram", "vocab_size": 256}, "checkpoint.save_model": True,
+                             "checkpoint.keep": 1})
+
+    full = train(cfg(tmp_path / "a"))
+    first = train(cfg(tmp_path / "b"), stop_after=4)
+    resumed = train(cfg(tmp_path / "b"), resume=True)
+    assert resumed.start_step == 4 and resumed.losses == full.losses and full.losses[-1] < full.losses[0]
+    assert isinstance(first.model, torch.nn.Embedding)
+    # The kind's own format beside each checkpoint; rotation (keep = 1) removes the older ones.
+    ckpt = tmp_path / "b" / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000006.model", "step_00000006.pt"]
+    exported = torch.load(ckpt / "step_00000006.model" / "bigram.pt")
+    assert torch.equal(exported["weight"], full.model.weight)
+
+
+def test_cache_dir_is_where_generated_corpora_go(tmp_path) -> None:
+    sources = [{"name": "docs", "kind": "stdlib_docstrings", "options": {"max_files": 5}}]
+    train(_cfg(tmp_path, steps=1, cache_dir=str(tmp_path / "cache"), **{"data.sources": sources,
+                                                                        "checkpoint.every": 0}))
+    assert list((tmp_path / "cache" / "corpus").glob("stdlib-*/docstrings.jsonl"))
+
+
+def test_gpt_model_export_loads_into_a_gpt(tmp_path) -> None:
+    import json
+
+    from thruput.models import GPT, GPTConfig
+
+    result = train(_cfg(tmp_path, steps=3, **{"checkpoint.save_model": True}))
+    folder = tmp_path / "ckpt" / "step_00000003.model"
+    model = GPT(GPTConfig(**json.loads((folder / "config.json").read_text())))
+    model.load_state_dict(torch.load(folder / "model.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), result.model.state_dict().values()))

@@ -1,5 +1,8 @@
 """Training checkpoints: written atomically, loaded with ``weights_only=True``.
 
+:class:`Checkpointer` saves a run's stateful parts (anything with ``state_dict``) by name and
+:func:`restore` loads them back; the rest of this module is the file format.
+
 A checkpoint is one ``step_XXXXXXXX.pt`` file holding plain data and tensors only (model,
 optimizer, scheduler, loader and profiler state, the step). It is written to a temporary file
 in the same folder, flushed to disk, then renamed, so a crash never leaves a torn file under
@@ -9,11 +12,12 @@ takes the newest checkpoint that loads (:func:`load_newest`), and never deletes 
 from __future__ import annotations
 
 import re
+import shutil
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -160,7 +164,9 @@ def check_same_run(path: Path, state: Mapping[str, Any], config: Mapping[str, An
 
     def identity(c: Mapping[str, Any]) -> dict[str, Any]:
         data = c.get("data", {})
-        return {**{f"model.{k}": v for k, v in c.get("model", {}).items()}, "data.seq_len": data.get("seq_len"),
+        # Configs saved before model kinds: a GPT as long as its rows.
+        model = {"kind": "gpt", "max_seq_len": data.get("seq_len"), **c.get("model", {})}
+        return {**{f"model.{k}": v for k, v in model.items()}, "data.seq_len": data.get("seq_len"),
                 "seed": c.get("seed"), "data.sources": [s.get("name") for s in data.get("sources", [])]}
 
     theirs, ours = identity(saved), identity(config)
@@ -170,15 +176,18 @@ def check_same_run(path: Path, state: Mapping[str, Any], config: Mapping[str, An
                                   f"{value!r} in this run")
 
 
-def restore(path: Path, state: Mapping[str, Any], parts: Mapping[str, Any], entries: Iterable[str] = ()) -> None:
+def restore(path: Path, state: Mapping[str, Any], parts: Mapping[str, Any], entries: Iterable[str] = (),
+            optional: Iterable[str] = ()) -> None:
     """Load ``state[name]`` into each of ``parts`` (objects with ``load_state_dict``); a module's
     tensors are first checked against its own by name and shape. ``entries``: other keys
-    ``state`` must hold.
+    ``state`` must hold; ``optional``: parts that checkpoints written before them lack (left as
+    they are).
 
     Raises CheckpointError naming ``path`` and the first entry or key that does not fit.
     """
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a training checkpoint")
+    parts = {name: part for name, part in parts.items() if name in state or name not in set(optional)}
     missing = [name for name in [*parts, *entries] if name not in state]
     if missing:
         raise CheckpointError(f"{path}: no {missing[0]!r} entry: not a training checkpoint of this kind "
@@ -223,3 +232,72 @@ def _free_name(path: Path) -> Path:
 
 def _step(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))  # type: ignore[union-attr]
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TorchRNG:
+    """torch's random generators as a stateful part (CPU, and every CUDA device's once CUDA is
+    initialised), so that dropout draws the same masks after a resume as without one."""
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["cpu"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Checkpointer:
+    """Periodic checkpoints of a run: every ``every`` steps, ``state_dict()`` of each of ``parts``
+    by name, plus plain entries, written to ``directory`` by the one rank that ``writes``.
+
+    ``collective``: some part's ``state_dict()`` is a collective (a sharded optimizer gathers its
+    shards), so every rank calls :meth:`save` and takes every state; otherwise only the writer
+    does. ``export``: also write the model in its own format to ``step_XXXXXXXX.model/`` beside
+    each checkpoint (removed with it by rotation).
+    """
+
+    def __init__(self, directory: str | Path | None, every: int, keep: int, parts: Mapping[str, Stateful], *,
+                 writes: bool, collective: bool, export: Callable[[Path], None] | None = None) -> None:
+        self.directory = None if directory is None else Path(directory)
+        self.every, self.keep, self.parts = every, keep, dict(parts)
+        self.writes, self.collective, self.export = writes, collective, export
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is one of the periodic checkpoints."""
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, step: int, entries: Mapping[str, Any]) -> Path | None:
+        """Write the checkpoint of ``step`` (call on every rank); the path on the writer, else None."""
+        if self.directory is None or not (self.writes or self.collective):
+            return None
+        state = {name: part.state_dict() for name, part in self.parts.items()}
+        if not self.writes:
+            return None
+        if self.export is not None:
+            self.export(model_export_path(self.directory, step))
+        path = save_checkpoint({**state, **entries, "step": step}, self.directory, step, keep=self.keep)
+        kept = {p.name.removesuffix(".pt") for p in list_checkpoints(self.directory)}
+        for folder in self.directory.glob("step_*.model"):
+            if folder.name.removesuffix(".model") not in kept and _step_of_export(folder) <= step:
+                shutil.rmtree(folder, ignore_errors=True)
+        return path
+
+
+def model_export_path(directory: str | Path, step: int) -> Path:
+    """Where :class:`Checkpointer` exports the model of ``step`` (``checkpoint.save_model``)."""
+    return Path(directory) / f"step_{step:08d}.model"
+
+
+def _step_of_export(folder: Path) -> int:
+    digits = folder.name.removeprefix("step_").removesuffix(".model")
+    return int(digits) if digits.isdigit() else -1

@@ -59,13 +59,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from thruput.config import load_config
 
     config = load_config(args.config)  # before importing torch: a bad config is reported at once
+    if config.cache_dir is None and os.environ.get("THRUPUT_CACHE"):
+        config.cache_dir = os.environ["THRUPUT_CACHE"]
+    from thruput.profile import render_terminal
     from thruput.train import train
 
-    train(config, resume=args.resume, show_progress=True, print_report=True, on_step=StepLog(config.log_every))
+    log = StepLog(config.log_every)
+    with ProgressBar(config.name) as bar:
+        def on_step(info: Any) -> None:
+            bar(info)
+            log(info)
+
+        result = train(config, resume=args.resume, on_step=on_step)
+    if result.rank == 0:
+        render_terminal(result.document)
     return 0
+
+
+class ProgressBar:
+    """``on_step`` hook showing rank 0's step and loss as a rich progress bar; a context manager
+    (the bar is stopped however the run ends). It starts at the first step it is told of, so a
+    resumed run's bar starts where the run does."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.bar, self.task = name, None, None
+
+    def __call__(self, info: Any) -> None:  # info: thruput.train.StepInfo
+        if info.rank != 0:
+            return
+        if self.bar is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=info.steps, completed=info.step - 1, loss="-")
+            self.bar.start()
+        self.bar.update(self.task, completed=info.step, loss=f"{info.loss:.3f}")
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 class StepLog:

@@ -13,20 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from thruput.models.gpt_config import GPTConfig
+from thruput.models.kinds import model_kinds
+
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the key."""
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    mlp_ratio: float = 4.0
-    # On packed rows: per-document cost ("segments"), or the dense document mask a peer gets on CPU.
-    attention: Literal["segments", "dense_mask"] = "segments"
 
 
 @dataclass
@@ -161,6 +153,9 @@ class CheckpointConfig:
     dir: str | None = None
     every: int = 0  # steps between checkpoints; 0 disables periodic checkpoints
     keep: int = 2
+    # Also write the model in its kind's own format (hf: save_pretrained, safetensors) to
+    # DIR/step_XXXXXXXX.model/ with each checkpoint, the last one included.
+    save_model: bool = False
 
 
 @dataclass
@@ -173,7 +168,12 @@ class ProfileConfig:
 
 @dataclass
 class RunConfig:
-    """Everything one training run needs, loaded from TOML by ``load_config``."""
+    """Everything one training run needs, loaded from TOML by ``load_config``.
+
+    ``model`` is the ``[model]`` table of the registered kind its ``kind`` key names
+    (``thruput.models.kinds``; default ``"gpt"``, a ``GPTConfig``). ``cache_dir``: where generated
+    corpora are cached (default ``~/.cache/thruput``; ``thruput train`` takes ``$THRUPUT_CACHE``).
+    """
 
     name: str = "run"
     seed: int = 0
@@ -181,7 +181,8 @@ class RunConfig:
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     log_every: int = 10
-    model: ModelConfig = field(default_factory=ModelConfig)
+    cache_dir: str | None = None
+    model: Any = field(default_factory=GPTConfig, metadata={"kinds": model_kinds})
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
@@ -202,6 +203,8 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be >= 0, got {value}")
         if self.checkpoint.every and not self.checkpoint.dir:
             raise ConfigError("checkpoint.dir: required when checkpoint.every > 0")
+        if self.checkpoint.save_model and not self.checkpoint.dir:
+            raise ConfigError("checkpoint.dir: required when checkpoint.save_model is true")
         if self.optimizer.zero2 and self.optimizer.kind != "offload_adamw":
             raise ConfigError("optimizer.zero2: needs optimizer.kind = 'offload_adamw'")
         if not self.data.sources:
@@ -220,9 +223,7 @@ class RunConfig:
         if sum(s.weight.at_start() if isinstance(s.weight, ScheduleConfig) else s.weight
                for s in self.data.sources) <= 0:
             raise ConfigError("data.sources: weights sum to zero (at step 0)")
-        if self.model.d_model % self.model.n_heads:
-            raise ConfigError(
-                f"model.d_model: {self.model.d_model} is not divisible by model.n_heads={self.model.n_heads}")
+        self.model.check(self)
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
@@ -246,6 +247,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 def from_dict(raw: dict[str, Any]) -> RunConfig:
     """Build and validate a RunConfig from plain data (as parsed from TOML)."""
     config = _build(RunConfig, raw, "")
+    if isinstance(config.model, GPTConfig) and "max_seq_len" not in raw.get("model", {}):
+        config.model.max_seq_len = config.data.seq_len  # as long as the rows it trains on
     config.validate()
     return config
 
@@ -274,11 +277,26 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}{name}"
-        if name in raw:
+        if name in raw and "kinds" in f.metadata:
+            kwargs[name] = _build_kind(f.metadata["kinds"](), f.default_factory().kind, raw[name], key)
+        elif name in raw:
             kwargs[name] = _coerce(hints[name], raw[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own checks: their messages start with the field's name
+        raise ConfigError(f"{prefix}{exc}") from None
+
+
+def _build_kind(kinds: dict[str, Any], default: str, raw: Any, key: str) -> Any:
+    """A table whose ``kind`` key picks its dataclass from a registry (``{name: entry.config}``)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{key}: expected a table, got {type(raw).__name__}")
+    kind = raw.get("kind", default)
+    if kind not in kinds:
+        raise ConfigError(f"{key}.kind: expected one of {', '.join(map(repr, kinds))}, got {kind!r}")
+    return _build(kinds[kind].config, raw, f"{key}.")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:

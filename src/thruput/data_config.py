@@ -20,6 +20,7 @@ from typing import Any
 from thruput.config import ConfigError, RunConfig, ScheduleConfig, SourceConfig
 from thruput.data import (ByteTokenizer, DataError, FieldError, HFTokenizer, JsonlSource, MalformedRecord,
                           MemorySource, ParquetSource, Source, TextFilesSource)
+from thruput.models.kinds import vocab_size
 
 ENTRY_POINT_GROUP = "thruput.source_kinds"
 _CHECKED_RECORDS = 8  # records read per file-backed source by check_data
@@ -131,7 +132,7 @@ def build_tokenizer(cfg: RunConfig) -> Any:
 def check_data(cfg: RunConfig) -> None:
     """Catch a wrong data config before anything heavy starts, as a ``ConfigError`` naming the key.
 
-    Loads the tokenizer (``data.tokenizer``), compares its vocabulary with ``model.vocab_size``
+    Loads the tokenizer (``data.tokenizer``), compares its vocabulary with the model's
     and ``data.eos``, then opens every file-backed source (``data.sources[i].path``: missing
     files, empty folders and globs, unreadable or empty files) and reads its first records
     (``data.sources[i].text_field``: a field or column that is not there). With
@@ -140,8 +141,9 @@ def check_data(cfg: RunConfig) -> None:
     """
     tokenizer = build_tokenizer(cfg)
     where = f"'{cfg.data.tokenizer}'" if cfg.data.tokenizer else "bytes"
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+    key, vocab = vocab_size(cfg.model)
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"{key}: {vocab} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size} tokens, {where})")
     if cfg.data.eos and getattr(tokenizer, "eos_id", None) is None:
         raise ConfigError(f"data.eos: true, but the tokenizer ({where}) has no EOS token")

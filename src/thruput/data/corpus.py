@@ -79,9 +79,10 @@ def sections(code: str, max_bytes: int) -> list[str]:
     return out
 
 
-def default_corpus_dir() -> Path:
-    """Where generated corpora are cached: ``$THRUPUT_CACHE/corpus`` or ``~/.cache/thruput/corpus``."""
-    return Path(os.environ.get("THRUPUT_CACHE", Path.home() / ".cache" / "thruput")) / "corpus"
+def default_corpus_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where generated corpora are cached: ``CACHE_DIR/corpus``, by default ``~/.cache/thruput/corpus``
+    (a run config's ``cache_dir``)."""
+    return Path(cache_dir if cache_dir is not None else Path.home() / ".cache" / "thruput") / "corpus"
 
 
 def stdlib_definitions(max_files: int | None = None, directory: Path | None = None) -> dict[str, Path]:

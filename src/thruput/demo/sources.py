@@ -16,7 +16,7 @@ from typing import Any
 
 from thruput.config import ConfigError, RunConfig, SourceConfig
 from thruput.data import JsonlSource, Source, TextFilesSource
-from thruput.data.corpus import docstrings, stdlib_definitions, stdlib_files, stdlib_sections
+from thruput.data.corpus import default_corpus_dir, docstrings, stdlib_definitions, stdlib_files, stdlib_sections
 from thruput.data_config import SourceKind
 
 _OPTIONS = {"max_files": int}
@@ -41,7 +41,8 @@ def _long(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
 
 
 def _sections(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
-    return JsonlSource(s.name, stdlib_sections(cfg.data.seq_len + 1, s.options.get("max_files")), **common)
+    path = stdlib_sections(cfg.data.seq_len + 1, s.options.get("max_files"), directory=default_corpus_dir(cfg.cache_dir))
+    return JsonlSource(s.name, path, **common)
 
 
 def _check_sections(s: SourceConfig, cfg: RunConfig, key: str) -> None:
@@ -53,7 +54,8 @@ def _check_sections(s: SourceConfig, cfg: RunConfig, key: str) -> None:
 
 def _definitions(part: str) -> Callable[[SourceConfig, RunConfig, dict[str, Any]], Source]:
     def build(s: SourceConfig, cfg: RunConfig, common: dict[str, Any]) -> Source:
-        return JsonlSource(s.name, stdlib_definitions(s.options.get("max_files"))[part], **common)
+        paths = stdlib_definitions(s.options.get("max_files"), directory=default_corpus_dir(cfg.cache_dir))
+        return JsonlSource(s.name, paths[part], **common)
 
     return build
 

@@ -178,8 +178,11 @@ class DemoWorkload:
                              steps=self.packed_steps if own_rows else s.steps, token_shares=self.token_shares,
                              out_dir=self.out_dir, attention="dense_mask" if peer == "packed_peer" else "segments")
         factory = None if "data_plane" in levers else lambda cfg, rank, world: self.peer_loader(peer)
+        from thruput.cli import ProgressBar
+
         t0 = time.perf_counter()
-        result = train(cfg, show_progress=show_progress, loader_factory=factory)
+        with ProgressBar(name) as bar:
+            result = train(cfg, loader_factory=factory, on_step=bar if show_progress else None)
         wall = time.perf_counter() - t0
         assert result.model is not None and result.document is not None
         return RunOutcome(name, levers, result.document, result.losses, evaluate(result.model, self.eval_batches()),

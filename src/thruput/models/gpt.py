@@ -10,47 +10,15 @@ rounding). Without either a row is one causal sequence and SDPA's fused causal p
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thruput.models.gpt_config import GPTConfig
 from thruput.models.segments import Segments, document_mask, document_starts, segment_attention
 
-
-@dataclass
-class GPTConfig:
-    """Shape of the model. ``max_seq_len`` bounds the rows it is trained on (not rotary positions).
-
-    ``attention`` on packed rows: ``"segments"`` confines it to each document at a cost that follows
-    the documents (``segment_attention``); ``"dense_mask"`` runs SDPA with the dense block-diagonal
-    causal mask (``document_mask``), the same result at the cost of every row's T^2 scores: what
-    a padding-free peer gets from transformers on CPU, kept for ``bench e2e``'s packed peer.
-    """
-
-    vocab_size: int = 256
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 256
-    mlp_ratio: float = 4.0
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    attention: str = "segments"
-
-    def __post_init__(self) -> None:
-        if self.attention not in ("segments", "dense_mask"):
-            raise ValueError(f"GPTConfig.attention must be 'segments' or 'dense_mask', got {self.attention!r}")
-        for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"GPTConfig.{key} must be positive, got {getattr(self, key)}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"GPTConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
-        if (self.d_model // self.n_heads) % 2:
-            raise ValueError("GPTConfig: head dimension d_model / n_heads must be even for rotary")
+__all__ = ["GPT", "GPTConfig"]
 
 
 class RMSNorm(nn.Module):
