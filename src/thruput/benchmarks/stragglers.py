@@ -32,10 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from thruput.benchmarks import _stragglers_workload as workload
+from thruput.console import make_console
 from thruput.profile import StepProfiler
 from thruput.profile.collectives import collective
 from thruput.profile.job import load_job, step_work
@@ -166,7 +166,7 @@ def _print(result: dict) -> None:
         ratio = f"{c['ratio']:.2f} ({c['planted_ratio']:.2f})" if "ratio" in c else "-"
         table.add_row(name, str(c["named_ranks"]), c.get("phase", "-"), c.get("cause", "-"), ratio,
                       f"{c['per_rank_step_time_ratio']:.2f}", "yes" if c["found"] else "NO")
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(f"found {result['found']}  false positives {result['false_positives']}  overhead ratio "
                   f"(2 ranks) wall {result['overhead_ratio']:.4f}, CPU {result['overhead_cpu_ratio']:.4f}; the "

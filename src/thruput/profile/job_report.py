@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape as rich_escape
 from rich.table import Table
 
+from thruput.console import make_console
 from thruput.profile.job import step_work
 from thruput.profile.html import COLORS, _page, _write, run_section
 from thruput.profile.report import _fmt_ms, format_evidence
@@ -54,7 +55,7 @@ def finding_line(f: dict[str, Any]) -> str:
 
 def render_job_terminal(job: dict[str, Any], console: Console | None = None) -> None:
     """Print the per-rank table, the spread line, notes and the straggler verdict."""
-    console = console or Console()
+    console = console or make_console()
     table = Table(title=f"thruput job: {rich_escape(str(job['name']))} ({len(job['ranks'])} of "
                         f"{job['world_size']} ranks)", title_justify="left")
     table.add_column("rank")

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from thruput.console import make_console
 from thruput.profile import load_json, render_terminal
 from thruput.run.command import Command
 from thruput.run.session import ExitInfo, RunOptions, Session, Written, rank_from_env
@@ -69,7 +70,7 @@ def run_command(command: Command, options: RunOptions) -> int:
     except OSError as exc:
         print(f"thruput run: could not write the report: {exc}", file=sys.stderr)
         return exit_info.code or 1
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if rank in (None, 0):
         _print_report(console, written, exit_info)
     else:
@@ -154,7 +155,7 @@ def _run_launcher(command: Command, options: RunOptions) -> int:
         (p for p in Path(options.out).glob(f"{options.name}-rank*.json") if p.stat().st_mtime >= started - 1),
         key=lambda p: int(p.stem.rsplit("-rank", 1)[1]) if p.stem.rsplit("-rank", 1)[1].isdigit() else -1,
     )
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if not reports:
         console.print(f"thruput run: no rank wrote a report under {options.out}: the shim profiles "
                       "processes started with RANK set (torchrun, torch.distributed.run)", markup=False, soft_wrap=True)
