@@ -25,13 +25,7 @@ def _cfg(tmp_path, model=None, **overrides):
            "optimizer": {"warmup_steps": 2, "lr": 3e-3},
            "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 3, "keep": 5},
            "profile": {"peak_flops": 1e11}}
-    for key, value in overrides.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_dict(raw)
+    return from_dict(raw, overrides)
 
 
 def test_interrupted_run_resumes_bitwise_and_the_export_loads_with_from_pretrained(tmp_path):

@@ -23,13 +23,7 @@ def _cfg(tmp_path, **overrides) -> object:
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 3, "keep": 5},
         "profile": {"peak_flops": 1e11, "clock_hz": 20},
     }
-    for key, value in overrides.items():
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_dict(raw)
+    return from_dict(raw, overrides)
 
 
 def test_loss_decreases_and_profile_is_filled(tmp_path) -> None:

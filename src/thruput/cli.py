@@ -134,19 +134,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
                                  save_job_html, save_job_trace, save_trace)
 
     if Path(args.run).is_dir():  # the ranks' documents of one job, merged
-        job = load_job(args.run)
-        render_job_terminal(job)
-        if args.html:
-            print(f"HTML report: {save_job_html(job, args.html)}")
-        if args.trace:
-            print(f"Perfetto trace: {save_job_trace(job, args.trace)}")
-        return 0
-    document = load_json(args.run)
-    render_terminal(document)
+        document, render, html, trace = load_job(args.run), render_job_terminal, save_job_html, save_job_trace
+    else:
+        document, render, html, trace = load_json(args.run), render_terminal, save_html, save_trace
+    render(document)
     if args.html:
-        print(f"HTML report: {save_html(document, args.html)}")
+        print(f"HTML report: {html(document, args.html)}")
     if args.trace:
-        print(f"Perfetto trace: {save_trace(document, args.trace)}")
+        print(f"Perfetto trace: {trace(document, args.trace)}")
     return 0
 
 

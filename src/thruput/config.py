@@ -235,17 +235,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"config file not found: {path}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(raw, overrides)
+
+
+def from_dict(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build and validate a RunConfig from plain data (as parsed from TOML); ``overrides`` maps
+    dotted keys to values set in ``raw`` first."""
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
-    return from_dict(raw)
-
-
-def from_dict(raw: dict[str, Any]) -> RunConfig:
-    """Build and validate a RunConfig from plain data (as parsed from TOML)."""
     config = _build(RunConfig, raw, "")
     if isinstance(config.model, GPTConfig) and "max_seq_len" not in raw.get("model", {}):
         config.model.max_seq_len = config.data.seq_len  # as long as the rows it trains on
