@@ -23,6 +23,7 @@ the step records.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -100,20 +101,10 @@ class _Span:
         acc.count += 1
 
 
-class _Null:
-    __slots__ = ()
-
-    def __enter__(self) -> "_Null":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+_NULL = contextlib.nullcontext()  # reusable: a disabled step, phase or collective costs one call
 
 
-_NULL = _Null()
-
-
-def collective() -> "_Span | _Null":
+def collective() -> "_Span | contextlib.nullcontext[None]":
     """Context manager around one blocking collective (or the ``wait()`` of an async one),
     recorded into the open profiled step; a no-op when no step is open, and on another thread
     than the one that opened it (a background optimizer update is not the step's critical path)."""

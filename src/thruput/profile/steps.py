@@ -19,6 +19,7 @@ Time inside a step that no phase covers is reported as ``other``.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Iterable, Iterator
@@ -186,7 +187,7 @@ class StepProfiler:
     # --- recording -------------------------------------------------------------------------
 
     def step(self, *, tokens: int, samples: int, useful_tokens: int | None = None,
-             flops: float | None = None) -> "_Step | _NullContext":
+             flops: float | None = None) -> "_Step | contextlib.nullcontext[None]":
         """Context manager around one training step. ``tokens`` counts every position fed to
         the model, ``useful_tokens`` the non-padding ones (defaults to ``tokens``)."""
         if not self.enabled:
@@ -195,7 +196,7 @@ class StepProfiler:
         self._next_index += 1
         return _Step(self, index, tokens, samples, useful_tokens, flops)
 
-    def phase(self, name: str) -> "_Phase | _NullContext":
+    def phase(self, name: str) -> "_Phase | contextlib.nullcontext[None]":
         """Context manager timing ``name`` (one of PHASES but ``other``) inside the open step."""
         if not self.enabled:
             return _NULL
@@ -363,14 +364,4 @@ class StepProfiler:
         return out
 
 
-class _NullContext:
-    __slots__ = ()
-
-    def __enter__(self) -> "_NullContext":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NULL = _NullContext()
+_NULL = contextlib.nullcontext()  # reusable: a disabled step, phase or collective costs one call
